@@ -1,0 +1,31 @@
+"""vd_jax: Versatile Diffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vd_jax",
+    version="0.1.0",
+    description="Versatile Diffusion (all flows, training and sampling) in JAX/Flax",
+    packages=find_packages(include=["vd_jax", "vd_jax.*"]),
+    package_data={"vd_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.45",
+        "tensorflow-datasets>=4.9.8",
+        "safetensors>=0.4",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "Pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # PyTorch is only for converting .bin/.pth files and for the parity tests.
+        "torch": ["torch>=2.4", "diffusers>=0.30"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch>=2.4", "diffusers>=0.30"],
+    },
+)
