@@ -23,3 +23,15 @@ def _torch_deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_vd(tmp_path_factory):
+    """A tiny random VD pipeline saved in diffusers format, with diffusers' reference pipelines."""
+    pytest.importorskip("torch")
+    from vd_jax.tiny_folder import build_components, reference_pipelines, save_folder
+
+    d = tmp_path_factory.mktemp("tiny_vd")
+    comps = build_components(str(d))
+    folder = save_folder(comps, str(d / "folder"))
+    return dict(components=comps, folder=folder, refs=reference_pipelines(comps))

@@ -1,0 +1,463 @@
+"""The Versatile Diffusion diffuser: one module, the paper's global / data / context split.
+
+VD's four flows (text->image, image variation, image->text, text variation) share
+one time-embedding MLP (`global`), have one set of data blocks per *data* type
+(`data/image`: an SD-v1 U-Net's ResBlocks and resamplers; `data/text`: FC blocks
+over a [C, 4] map) and one set of cross-attention blocks per *context* type
+(`context/image`, `context/text`), each usable with either data type. The param
+tree is exactly that split, with blocks numbered in execution order like the
+original's `data_blocks.{i}` / `context_blocks.{j}`:
+
+    {'global': ..., 'data': {'image': {blocks_0..}, 'text': {..}},
+     'context': {'image': {blocks_0..}, 'text': {..}}}
+
+so a flow needs (and `abstract_params(config, parts)` builds) only its parts.
+Activations are channels-last: image latents [B, H, W, C], text latents [B, D],
+text hidden states [B, 4, C] (see text_blocks.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vd_jax.convert import core
+from vd_jax.models.text_blocks import FCResBlock, TextIn, TextOut, TextResample
+from vd_jax.nn.layers import (
+    Downsample2D,
+    Dtype,
+    GroupNorm,
+    ResnetBlock2D,
+    SpatialTransformer,
+    Upsample2D,
+    conv2d,
+    dense,
+    timestep_embedding,
+)
+
+TYPES = ("image", "text")
+ALL_PARTS = ("global", "data/image", "data/text", "context/image", "context/text")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffuserConfig:
+    """Sizes of the four-flow diffuser; the defaults are the released VD model's."""
+
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    num_heads: int = 8  # a head count, not a head width: d_head = channels / num_heads
+    context_dim: int = 768
+    transformer_depth: int = 1
+    image_in_channels: int = 4
+    image_out_channels: int = 4
+    text_dim: int = 768
+    text_second_dim: int = 4
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self):
+        if len(self.channel_mult) != len(self.attention_levels):
+            raise ValueError("channel_mult and attention_levels must have one entry per level")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @classmethod
+    def from_diffusers(cls, image_unet: dict, text_unet: dict | None = None) -> DiffuserConfig:
+        """Builds the config from diffusers' `image_unet/config.json` (+ `text_unet/config.json`).
+
+        Args:
+          image_unet: the `UNet2DConditionModel` config dict.
+          text_unet: the `UNetFlatConditionModel` config dict, or None for an image-only
+            diffuser (the text sizes then keep their defaults).
+
+        Raises:
+          ValueError: naming the field, for an option VD's diffuser does not have or
+            when the two U-Nets disagree on layer order or widths.
+        """
+        from vd_jax.convert.unet import config_fields_from_diffusers
+
+        return cls(**config_fields_from_diffusers(image_unet, text_unet))
+
+
+# --------------------------------------------------------------------------- layer plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One slot of the shared layer order: 'd' data block, 'c' context block, 'save', 'load'."""
+
+    op: str
+    index: int = -1  # data-block index for 'd', context-block index for 'c'
+    kind: str = ""  # for 'd': 'in', 'res', 'down', 'up' or 'out'
+    in_ch: int = 0  # width entering a 'd' block (skip included)
+    out_ch: int = 0  # width after a 'd' or 'c' block (0 for 'out': the latent's own)
+
+
+@functools.lru_cache(maxsize=32)
+def layer_plan(config: DiffuserConfig) -> tuple[Step, ...]:
+    """The d/c/save/load order both data types follow (VD's `layer_order`, SD-v1's U-Net).
+
+    Numbering data and context blocks in this order reproduces the original's
+    new-format `data_blocks.{i}` / `context_blocks.{j}` indices.
+    """
+    steps: list[Step] = []
+    widths = [config.model_channels * m for m in config.channel_mult]
+    cur = 0  # width of h at this point of the walk
+    saved: list[int] = []  # widths of the saved skips
+
+    def d(kind: str, ch: int):
+        nonlocal cur
+        steps.append(Step("d", sum(s.op == "d" for s in steps), kind, cur, ch))
+        cur = ch
+
+    def c():
+        steps.append(Step("c", sum(s.op == "c" for s in steps), "", cur, cur))
+
+    def save():
+        steps.append(Step("save"))
+        saved.append(cur)
+
+    def load():
+        nonlocal cur
+        steps.append(Step("load"))
+        cur += saved.pop()
+
+    d("in", widths[0])
+    save()
+    for level, ch in enumerate(widths):
+        for _ in range(config.num_res_blocks):
+            d("res", ch)
+            if config.attention_levels[level]:
+                c()
+            save()
+        if level != config.num_levels - 1:
+            d("down", ch)
+            save()
+    d("res", widths[-1])
+    c()
+    d("res", widths[-1])
+    for level in reversed(range(config.num_levels)):
+        for _ in range(config.num_res_blocks + 1):
+            load()
+            d("res", widths[level])
+            if config.attention_levels[level]:
+                c()
+        if level != 0:
+            d("up", widths[level])
+    d("out", 0)
+    return tuple(steps)
+
+
+def data_steps(config: DiffuserConfig) -> tuple[Step, ...]:
+    return tuple(s for s in layer_plan(config) if s.op == "d")
+
+
+def context_widths(config: DiffuserConfig) -> tuple[int, ...]:
+    return tuple(s.out_ch for s in layer_plan(config) if s.op == "c")
+
+
+def flow_parts(xtype: str, ctypes: Sequence[str]) -> tuple[str, ...]:
+    """The param parts a flow reads, e.g. text->image: ('global', 'data/image', 'context/text')."""
+    return ("global", f"data/{xtype}", *dict.fromkeys(f"context/{c}" for c in ctypes))
+
+
+def normalize_parts(parts: Sequence[str] | str | None) -> tuple[str, ...]:
+    """'data' / 'context' expand to both types; None means all; unknown names raise."""
+    if parts is None:
+        return ALL_PARTS
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    out = []
+    for p in parts:
+        expanded = [f"{p}/{t}" for t in TYPES] if p in ("data", "context") else [p]
+        for e in expanded:
+            if e not in ALL_PARTS:
+                raise ValueError(f"unknown diffuser part {p!r}; expected some of {ALL_PARTS}")
+            out.append(e)
+    return tuple(p for p in ALL_PARTS if p in out)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class TimeEmbedding(nn.Module):
+    """The one global layer: sinusoid (cos first) -> Linear -> SiLU -> Linear."""
+
+    config: DiffuserConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        emb = timestep_embedding(
+            t, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        ).astype(self.dtype)
+        emb = nn.silu(dense(cfg.time_embed_dim, name="linear_1", **kw)(emb))
+        return dense(cfg.time_embed_dim, name="linear_2", **kw)(emb)
+
+
+class ImageIn(nn.Module):
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return conv2d(self.out_channels, 3, name="conv", **kw)(x)
+
+
+class ImageOut(nn.Module):
+    out_channels: int
+    norm_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm", **kw)(x))
+        return conv2d(self.out_channels, 3, name="conv", **kw)(h)
+
+
+class DataBlocks(nn.Module):
+    """One data type's blocks, `blocks_{i}` in execution order; called one block at a time."""
+
+    config: DiffuserConfig
+    xtype: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(norm_groups=cfg.norm_groups, epsilon=cfg.norm_eps)
+        blocks = []
+        for step in data_steps(cfg):
+            if self.xtype == "image":
+                block = {
+                    "in": lambda s: ImageIn(s.out_ch, **kw),
+                    "res": lambda s: ResnetBlock2D(s.out_ch, **norm, **kw),
+                    "down": lambda s: Downsample2D(s.out_ch, **kw),
+                    "up": lambda s: Upsample2D(s.out_ch, **kw),
+                    "out": lambda s: ImageOut(cfg.image_out_channels, **norm, **kw),
+                }[step.kind](step)
+            else:
+                block = {
+                    "in": lambda s: TextIn(s.out_ch, cfg.text_second_dim, **kw),
+                    "res": lambda s: FCResBlock(s.out_ch, **norm, **kw),
+                    "down": lambda s: TextResample(**kw),
+                    "up": lambda s: TextResample(**kw),
+                    "out": lambda s: TextOut(cfg.text_dim, **norm, **kw),
+                }[step.kind](step)
+            blocks.append(block)
+        self.blocks = blocks
+
+    def __call__(self, index: int, h: jax.Array, emb: jax.Array) -> jax.Array:
+        if data_steps(self.config)[index].kind in ("down", "up") and self.xtype == "image":
+            return self.blocks[index](h)  # the image resamplers take no time embedding
+        return self.blocks[index](h, emb)
+
+
+class ContextBlocks(nn.Module):
+    """One context type's cross-attention blocks, `blocks_{j}`; serve either data type."""
+
+    config: DiffuserConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.blocks = [
+            SpatialTransformer(
+                cfg.num_heads,
+                cfg.transformer_depth,
+                cfg.norm_groups,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+            for _ in context_widths(cfg)
+        ]
+
+    def __call__(self, index: int, h: jax.Array, context: jax.Array) -> jax.Array:
+        return self.blocks[index](h, context)
+
+
+class Group(nn.Module):
+    """`data` or `context`: holds the `image` and `text` sets as sub-modules of those names."""
+
+    config: DiffuserConfig
+    role: str  # 'data' or 'context'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.role == "data":
+            self.image = DataBlocks(self.config, "image", **kw)
+            self.text = DataBlocks(self.config, "text", **kw)
+        else:
+            self.image = ContextBlocks(self.config, **kw)
+            self.text = ContextBlocks(self.config, **kw)
+
+
+class VDDiffuser(nn.Module):
+    """VD's four-flow diffuser: ε-prediction for image or text latents under image/text contexts.
+
+    Attributes:
+      config: the sizes.
+      dtype: compute dtype (norm statistics and softmax stay float32).
+      param_dtype: storage dtype of the params.
+    """
+
+    config: DiffuserConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # 'global' is a Python keyword, hence setattr; the param subtree is still named 'global'.
+        setattr(self, "global", TimeEmbedding(self.config, **kw))
+        self.data = Group(self.config, "data", **kw)
+        self.context = Group(self.config, "context", **kw)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        contexts: Sequence[jax.Array],
+        *,
+        xtype: str,
+        ctypes: Sequence[str],
+        ratios: Sequence[Any] | None = None,
+    ) -> jax.Array:
+        """Predicts the noise ε of `x` at timestep `t` under one or several contexts.
+
+        Args:
+          x: image latents [B, H, W, C] (xtype 'image') or text latents [B, D] ('text').
+          t: [B] (or scalar) timesteps, int or float.
+          contexts: one [B, L_k, context_dim] array per context.
+          xtype: 'image' or 'text' (static): which data blocks run.
+          ctypes: 'image' / 'text' per context (static): which context blocks serve it;
+            a type may repeat with different tokens.
+          ratios: mixing weights per context, normalised to sum to 1 (default: equal).
+            With several contexts every cross-attention slot returns
+            h + Σ_k r_k (block_k(h, c_k) - h), VD's "attention" mixing (dual guidance).
+
+        Returns:
+          ε with the shape of `x`, in `dtype`.
+        """
+        ctypes = tuple(ctypes)
+        if xtype not in TYPES or not ctypes or any(c not in TYPES for c in ctypes):
+            raise ValueError(f"xtype/ctypes must be 'image' or 'text', got {xtype!r}, {ctypes!r}")
+        if len(contexts) != len(ctypes):
+            raise ValueError(f"{len(contexts)} contexts but {len(ctypes)} ctypes")
+        if ratios is None:
+            ratios = [1.0] * len(ctypes)
+        if len(ratios) != len(ctypes):
+            raise ValueError(f"{len(ratios)} ratios for {len(ctypes)} contexts")
+        weights = jnp.stack([jnp.asarray(r, jnp.float32) for r in ratios])
+        weights = (weights / weights.sum()).astype(self.dtype)
+
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        emb = getattr(self, "global")(t)
+        data = getattr(self.data, xtype)
+        blocks = [getattr(self.context, c) for c in ctypes]
+        contexts = [c.astype(self.dtype) for c in contexts]
+
+        def context_slot(j: int, h: jax.Array) -> jax.Array:
+            if len(blocks) == 1:
+                return blocks[0](j, h, contexts[0])
+            delta = sum(
+                w * (blk(j, h, c) - h) for w, blk, c in zip(weights, blocks, contexts, strict=True)
+            )
+            return h + delta
+
+        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+
+    @staticmethod
+    def _walk(data, h, emb, context_slot):
+        saved = []
+        for step in layer_plan(data.config):
+            if step.op == "d":
+                h = data(step.index, h, emb)
+            elif step.op == "c":
+                h = context_slot(step.index, h)
+            elif step.op == "save":
+                saved.append(h)
+            else:  # skips are concatenated on channels, last saved first
+                h = jnp.concatenate([h, saved.pop()], axis=-1)
+        return h
+
+    def init_parts(self, parts: Sequence[str] | None = None, context_len: int = 2) -> None:
+        """Touches exactly the sub-modules of `parts` so that `init` creates their params.
+
+        Use as `model.init(rng, parts, method=VDDiffuser.init_parts)`; data blocks run
+        on dummy inputs with the cross-attention slots skipped, each context block on a
+        dummy 4-token map of its width.
+        """
+        cfg = self.config
+        parts = normalize_parts(parts)
+        emb = jnp.zeros((1, cfg.time_embed_dim), self.dtype)
+        if "global" in parts:
+            emb = getattr(self, "global")(jnp.zeros((1,)))
+        side = 2 ** (cfg.num_levels - 1)
+        dummy = {
+            "image": jnp.zeros((1, side, side, cfg.image_in_channels), self.dtype),
+            "text": jnp.zeros((1, cfg.text_dim), self.dtype),
+        }
+        for xtype in TYPES:
+            if f"data/{xtype}" in parts:
+                self._walk(getattr(self.data, xtype), dummy[xtype], emb, lambda j, h: h)
+        ctx = jnp.zeros((1, context_len, cfg.context_dim), self.dtype)
+        for ctype in TYPES:
+            if f"context/{ctype}" in parts:
+                for j, width in enumerate(context_widths(cfg)):
+                    getattr(self.context, ctype)(j, jnp.zeros((1, 4, width), self.dtype), ctx)
+
+
+def init_params(
+    config: DiffuserConfig,
+    rng: jax.Array,
+    parts: Sequence[str] | None = None,
+    *,
+    param_dtype: Dtype = jnp.float32,
+) -> dict[str, Any]:
+    """Random params for `parts` (default all), e.g. `flow_parts('image', ['text'])`."""
+    model = VDDiffuser(config, param_dtype=param_dtype)
+    parts = normalize_parts(parts)
+    init = jax.jit(lambda key: model.init(key, parts, method=VDDiffuser.init_parts))
+    return jax.tree_util.tree_map(lambda x: x, dict(init(rng)["params"]))
+
+
+def abstract_params(
+    config: DiffuserConfig,
+    parts: Sequence[str] | None = None,
+    *,
+    param_dtype: Dtype = jnp.float32,
+) -> dict[str, Any]:
+    """Shapes/dtypes (`jax.ShapeDtypeStruct`) of the params of `parts`; allocates nothing."""
+    model = VDDiffuser(config, param_dtype=param_dtype)
+    parts = normalize_parts(parts)
+    return core.abstract_params(
+        lambda: model.init(jax.random.key(0), parts, method=VDDiffuser.init_parts)
+    )
