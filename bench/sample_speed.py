@@ -35,8 +35,12 @@ def _diffusers_t2i(folder_or_components):
     else:
         c = {k: copy.deepcopy(v) for k, v in folder_or_components.items()}
         pipe = VersatileDiffusionTextToImagePipeline(
-            tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], image_unet=c["image_unet"],
-            text_unet=c["text_unet"], vae=c["vae"], scheduler=c["scheduler"],
+            tokenizer=c["tokenizer"],
+            text_encoder=c["text_encoder"],
+            image_unet=c["image_unet"],
+            text_unet=c["text_unet"],
+            vae=c["vae"],
+            scheduler=c["scheduler"],
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -47,7 +51,9 @@ def _run_diffusers(pipe, steps, batch, latents):
 
     with torch.no_grad():
         return pipe(
-            [PROMPT] * batch, num_inference_steps=steps, latents=torch.from_numpy(latents),
+            [PROMPT] * batch,
+            num_inference_steps=steps,
+            latents=torch.from_numpy(latents),
             output_type="np",
         ).images
 
@@ -109,21 +115,36 @@ def bench_size(size: str, steps: int, batch: int, repeats: int, workdir: str) ->
     for impl in ("jax", "torch"):
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, __file__, f"--cold={impl}", f"--folder={folder}",
-             f"--steps={steps}", f"--batch={batch}"],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                __file__,
+                f"--cold={impl}",
+                f"--folder={folder}",
+                f"--steps={steps}",
+                f"--batch={batch}",
+            ],
+            check=True,
+            capture_output=True,
         )
         cold_s[impl] = time.perf_counter() - t0
     return dict(
-        size=size, steps=steps, batch=batch,
-        diffusers_warm_s=torch_warm, vd_jax_warm_s=jax_warm, warm_ratio=jax_warm / torch_warm,
-        diffusers_cold_s=cold_s["torch"], vd_jax_cold_s=cold_s["jax"],
-        cold_ratio=cold_s["jax"] / cold_s["torch"], max_pixel_diff=max_diff,
+        size=size,
+        steps=steps,
+        batch=batch,
+        diffusers_warm_s=torch_warm,
+        vd_jax_warm_s=jax_warm,
+        warm_ratio=jax_warm / torch_warm,
+        diffusers_cold_s=cold_s["torch"],
+        vd_jax_cold_s=cold_s["jax"],
+        cold_ratio=cold_s["jax"] / cold_s["torch"],
+        max_pixel_diff=max_diff,
     )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="tiny,small")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=2)
@@ -146,13 +167,17 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     header = f"{'size':6} {'diffusers warm':>15} {'vd_jax warm':>12} {'ratio':>6} "
     header += f"{'diffusers cold':>15} {'vd_jax cold':>12} {'ratio':>6} {'max |diff|':>10}"
-    print(f"\nbackend={jax.default_backend()} torch_threads={torch.get_num_threads()} "
-          f"steps={args.steps} batch={args.batch}")
+    print(
+        f"\nbackend={jax.default_backend()} torch_threads={torch.get_num_threads()} "
+        f"steps={args.steps} batch={args.batch}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['size']:6} {r['diffusers_warm_s']:15.3f} {r['vd_jax_warm_s']:12.3f} "
-              f"{r['warm_ratio']:6.2f} {r['diffusers_cold_s']:15.2f} {r['vd_jax_cold_s']:12.2f} "
-              f"{r['cold_ratio']:6.2f} {r['max_pixel_diff']:10.1e}")
+        print(
+            f"{r['size']:6} {r['diffusers_warm_s']:15.3f} {r['vd_jax_warm_s']:12.3f} "
+            f"{r['warm_ratio']:6.2f} {r['diffusers_cold_s']:15.2f} {r['vd_jax_cold_s']:12.2f} "
+            f"{r['cold_ratio']:6.2f} {r['max_pixel_diff']:10.1e}"
+        )
     with open(args.out, "w") as f:
         json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=2)
 

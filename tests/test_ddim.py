@@ -13,14 +13,37 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = [
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
-         steps_offset=1, clip_sample=False),
-    dict(beta_schedule="linear", timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=True,
-         prediction_type="v_prediction"),
-    dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample=False,
-         prediction_type="sample", set_alpha_to_one=False),
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-         rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        clip_sample=False,
+    ),
+    dict(
+        beta_schedule="linear",
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=True,
+        prediction_type="v_prediction",
+    ),
+    dict(
+        beta_schedule="squaredcos_cap_v2",
+        timestep_spacing="linspace",
+        clip_sample=False,
+        prediction_type="sample",
+        set_alpha_to_one=False,
+    ),
+    dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+    ),
 ]
 
 
@@ -51,10 +74,14 @@ def test_ddim_loop_matches_diffusers(cfg, eta):
     for i in range(steps):
         out = jnp.asarray(_fake_model(np.asarray(xj), [int(tables.timesteps[i])] * 2))
         xj, _ = ddim.ddim_step(
-            xj, out, tables.alpha_t[i], tables.alpha_prev[i],
+            xj,
+            out,
+            tables.alpha_t[i],
+            tables.alpha_prev[i],
             prediction_type=schedule.prediction_type,
             clip_sample_range=schedule.clip_sample_range if schedule.clip_sample else None,
-            eta=eta, noise=jnp.asarray(noises[i]),
+            eta=eta,
+            noise=jnp.asarray(noises[i]),
         )
     assert_rel_close(xj, x.numpy(), 1e-5, f"ddim {cfg} eta={eta}")
 
@@ -67,8 +94,9 @@ def test_fori_loop_equals_python_loop():
     looped = jax.jit(lambda x: ddim.sample_loop(fn, x, tables, schedule))(x)
     y = x
     for i in range(10):
-        y, _ = ddim.ddim_step(y, fn(y, jnp.full((3,), tables.timesteps[i])), tables.alpha_t[i],
-                              tables.alpha_prev[i])
+        y, _ = ddim.ddim_step(
+            y, fn(y, jnp.full((3,), tables.timesteps[i])), tables.alpha_t[i], tables.alpha_prev[i]
+        )
     np.testing.assert_allclose(looped, y, rtol=1e-6, atol=1e-6)
 
 

@@ -55,7 +55,9 @@ def test_renamed_key(folder):
 def test_wrong_shape(folder):
     key = "conv_in.weight"
     _rewrite(folder / UNET, lambda t: t.__setitem__(key, np.zeros((5, 4, 3, 3), np.float32)))
-    with pytest.raises(CheckpointError, match=r"wrong shapes \(1\):\n    image_unet.conv_in.weight \[5, 4, 3, 3\]"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong shapes \(1\):\n    image_unet.conv_in.weight \[5, 4, 3, 3\]"
+    ):
         load_diffusers_folder(folder)
 
 
@@ -82,7 +84,9 @@ def test_bin_weights_load_like_safetensors(folder):
     torch = pytest.importorskip("torch")
     sub = folder / "vae"
     tensors = load_file(str(sub / "diffusion_pytorch_model.safetensors"))
-    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, sub / "diffusion_pytorch_model.bin")
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in tensors.items()}, sub / "diffusion_pytorch_model.bin"
+    )
     os.remove(sub / "diffusion_pytorch_model.safetensors")
     state = component_state_dict(str(folder), "vae")
     assert state.source.endswith(".bin") and set(state) == set(tensors)
@@ -116,7 +120,9 @@ def test_sharded_safetensors_index(folder):
     for name, ks in shards.items():
         save_file({k: tensors[k] for k in ks}, str(sub / name))
     weight_map = {k: name for name, ks in shards.items() for k in ks}
-    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
     os.remove(sub / "diffusion_pytorch_model.safetensors")
     state = component_state_dict(str(folder), "image_unet")
     assert set(state) == set(tensors)

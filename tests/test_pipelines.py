@@ -16,12 +16,11 @@ torch = pytest.importorskip("torch")
 
 from dual_patch import patch_dual_transformer  # noqa: E402
 
-from vd_jax.tiny_folder import IMAGE_PX, sample_picture  # noqa: E402
-
+from configs import sample as sample_config  # noqa: E402
 from vd_jax import sampling  # noqa: E402
 from vd_jax.loading import load_diffusers_folder  # noqa: E402
 from vd_jax.pipelines import VDPipeline  # noqa: E402
-from configs import sample as sample_config  # noqa: E402
+from vd_jax.tiny_folder import IMAGE_PX, sample_picture  # noqa: E402
 
 PIXEL_TOL = 2e-3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +37,10 @@ def pipe(tiny):
 
 
 def _latents(n, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, 4, IMAGE_PX // 2, IMAGE_PX // 2)).astype(
-        np.float32
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((n, 4, IMAGE_PX // 2, IMAGE_PX // 2))
+        .astype(np.float32)
     )
 
 
@@ -53,8 +54,12 @@ def test_text_to_image_matches_diffusers(tiny, pipe):
     prompts = ["a red circle on a blue background", "a green square"]
     lat = _latents(4)
     ref = _reference(
-        tiny["refs"]["text_to_image"], prompts, num_inference_steps=6, guidance_scale=7.5,
-        num_images_per_prompt=2, latents=lat,
+        tiny["refs"]["text_to_image"],
+        prompts,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        num_images_per_prompt=2,
+        latents=lat,
     )
     ours = pipe.text_to_image(
         prompts, num_samples=2, num_steps=6, guidance_scale=7.5, init_noise=lat, show_progress=False
@@ -70,9 +75,15 @@ def test_image_variation_matches_diffusers(tiny, pipe):
     images = [sample_picture(1), sample_picture(2, (64, 48))]
     lat = _latents(2, seed=1)
     ref = _reference(
-        tiny["refs"]["image_variation"], images, num_inference_steps=5, guidance_scale=5.0, latents=lat
+        tiny["refs"]["image_variation"],
+        images,
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        latents=lat,
     )
-    ours = pipe.image_variation(images, num_steps=5, guidance_scale=5.0, init_noise=lat, show_progress=False)
+    ours = pipe.image_variation(
+        images, num_steps=5, guidance_scale=5.0, init_noise=lat, show_progress=False
+    )
     err = np.abs(ours.images - ref).max()
     assert err <= PIXEL_TOL, err
 
@@ -82,12 +93,22 @@ def test_dual_guided_matches_diffusers(tiny, pipe, monkeypatch, text_strength):
     patch_dual_transformer(monkeypatch)
     lat = _latents(1, seed=2)
     ref = _reference(
-        tiny["refs"]["dual_guided"], "a red circle", sample_picture(3), num_inference_steps=5,
-        guidance_scale=7.5, text_to_image_strength=text_strength, latents=lat,
+        tiny["refs"]["dual_guided"],
+        "a red circle",
+        sample_picture(3),
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        text_to_image_strength=text_strength,
+        latents=lat,
     )
     ours = pipe.dual_guided(
-        "a red circle", sample_picture(3), text_strength=text_strength, num_steps=5,
-        guidance_scale=7.5, init_noise=lat, show_progress=False,
+        "a red circle",
+        sample_picture(3),
+        text_strength=text_strength,
+        num_steps=5,
+        guidance_scale=7.5,
+        init_noise=lat,
+        show_progress=False,
     )
     err = np.abs(ours.images - ref).max()
     assert err <= PIXEL_TOL, err
@@ -100,11 +121,13 @@ def test_dual_guided_extremes_reduce_to_single_flows(pipe):
     img = sample_picture(4)
     np.testing.assert_allclose(
         pipe.dual_guided("a cat", img, text_strength=1.0, **kw).images,
-        pipe.text_to_image("a cat", **kw).images, atol=1e-5,
+        pipe.text_to_image("a cat", **kw).images,
+        atol=1e-5,
     )
     np.testing.assert_allclose(
         pipe.dual_guided("a cat", img, text_strength=0.0, **kw).images,
-        pipe.image_variation(img, **kw).images, atol=1e-5,
+        pipe.image_variation(img, **kw).images,
+        atol=1e-5,
     )
 
 
@@ -152,8 +175,16 @@ def test_sampling_run_writes_outputs(tiny, tmp_path):
     sample_picture(6).save(picture)
     out = tmp_path / "out"
     record = sampling.run(
-        _config(tiny, out, flow="dual_guided", prompt="a red circle", image=str(picture),
-                text_strength=0.6, num_samples=2, init_noise=str(tmp_path / "noise.npy"))
+        _config(
+            tiny,
+            out,
+            flow="dual_guided",
+            prompt="a red circle",
+            image=str(picture),
+            text_strength=0.6,
+            num_samples=2,
+            init_noise=str(tmp_path / "noise.npy"),
+        )
     )
     files = sorted(os.listdir(out))
     assert files == ["run.json", "sample_000.png", "sample_001.png", "samples.npy"]
@@ -182,14 +213,21 @@ def test_sampling_config_errors(tiny, tmp_path):
 def test_sample_py_cli(tiny, tmp_path):
     out = tmp_path / "cli"
     cmd = [
-        sys.executable, "sample.py", "--config=configs/sample.py:text_to_image",
-        f"--config.weights={tiny['folder']}", "--config.prompt=a red circle|a blue square",
-        "--config.num_steps=3", f"--config.output_dir={out}", "--config.seed=3",
+        sys.executable,
+        "sample.py",
+        "--config=configs/sample.py:text_to_image",
+        f"--config.weights={tiny['folder']}",
+        "--config.prompt=a red circle|a blue square",
+        "--config.num_steps=3",
+        f"--config.output_dir={out}",
+        "--config.seed=3",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(out / "samples.npy").shape == (2, IMAGE_PX, IMAGE_PX, 3)
-    bad = subprocess.run(cmd[:3] + ["--config.weights=/nonexistent"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    bad_cmd = [
+        a if not a.startswith("--config.weights=") else "--config.weights=/nonexistent" for a in cmd
+    ]
+    bad = subprocess.run(bad_cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "/nonexistent" in bad.stderr and "Traceback" not in bad.stderr

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 # Which diffuser parts and encoders each flow needs.
 FLOW_NEEDS: dict[str, dict[str, Any]] = {
     "text_to_image": dict(parts=("global", "data/image", "context/text"), text=True, image=False),
-    "image_variation": dict(parts=("global", "data/image", "context/image"), text=False, image=True),
+    "image_variation": dict(
+        parts=("global", "data/image", "context/image"), text=False, image=True
+    ),
     "dual_guided": dict(
         parts=("global", "data/image", "context/image", "context/text"), text=True, image=True
     ),
@@ -97,7 +99,9 @@ def component_state_dict(folder: str, component: str) -> core.StateDict:
         path = os.path.join(sub, name)
         if os.path.isfile(path):
             return core.read_state_dict(path)
-    variants = sorted(glob.glob(os.path.join(sub, "*.safetensors")) + glob.glob(os.path.join(sub, "*.bin")))
+    variants = sorted(
+        glob.glob(os.path.join(sub, "*.safetensors")) + glob.glob(os.path.join(sub, "*.bin"))
+    )
     if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors
         return core.read_state_dict(variants[0])
     raise CheckpointError(
@@ -139,7 +143,9 @@ def load_diffusers_folder(
     needs_text = any(FLOW_NEEDS[f]["text"] for f in flows)
     needs_image = any(FLOW_NEEDS[f]["image"] for f in flows)
     parts = tuple(sorted({p for f in flows for p in FLOW_NEEDS[f]["parts"]}))
-    required = ["image_unet", "vae", "scheduler"] + (["text_unet"] if "context/text" in parts else [])
+    required = ["image_unet", "vae", "scheduler"] + (
+        ["text_unet"] if "context/text" in parts else []
+    )
     required += ["text_encoder", "tokenizer"] if needs_text else []
     required += ["image_encoder", "image_feature_extractor"] if needs_image else []
     absent = [c for c in required if c not in index]
@@ -182,7 +188,9 @@ def load_diffusers_folder(
             read_json(os.path.join(folder, "text_encoder", "config.json"))
         )
         models.text_params = load_clip_text(
-            component_state_dict(folder, "text_encoder"), models.text_config, param_dtype=param_dtype
+            component_state_dict(folder, "text_encoder"),
+            models.text_config,
+            param_dtype=param_dtype,
         )
         models.tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
     if needs_image:
@@ -190,7 +198,9 @@ def load_diffusers_folder(
             read_json(os.path.join(folder, "image_encoder", "config.json"))
         )
         models.vision_params = load_clip_vision(
-            component_state_dict(folder, "image_encoder"), models.vision_config, param_dtype=param_dtype
+            component_state_dict(folder, "image_encoder"),
+            models.vision_config,
+            param_dtype=param_dtype,
         )
         proc = os.path.join(folder, "image_feature_extractor", "preprocessor_config.json")
         read_json(proc)  # a clear error if absent or broken

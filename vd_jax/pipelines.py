@@ -78,10 +78,15 @@ class VDPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP-text contexts [B, 77, D]: every projected token / |projected EOS|."""
         if self.text_encoder is None:
-            raise ValueError("this pipeline was loaded without the text encoder (flows without text)")
+            raise ValueError(
+                "this pipeline was loaded without the text encoder (flows without text)"
+            )
         tok = self.models.tokenizer
         ids = tok(
-            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
             return_tensors="np",
         ).input_ids
         return self._encode_text(self.text_params, jnp.asarray(ids, jnp.int32))
@@ -89,12 +94,14 @@ class VDPipeline:
     def encode_images(self, images: Sequence[Any]) -> jax.Array:
         """CLIP-image contexts [B, 257, D]: every projected token / |projected CLS|."""
         if self.image_encoder is None:
-            raise ValueError("this pipeline was loaded without the image encoder (flows without images)")
+            raise ValueError(
+                "this pipeline was loaded without the image encoder (flows without images)"
+            )
         pixels = preprocess(list(images), self.models.image_processor)
         return self._encode_image(self.vision_params, jnp.asarray(pixels, self.dtype))
 
     def unconditional_image_context(self, n: int, mode: str = "gray") -> jax.Array:
-        """`gray`: CLIP of diffusers' mid-gray image; `zeros`: the new original app's zero context."""
+        """`gray`: CLIP of diffusers' mid-gray image; `zeros`: the original app's zero context."""
         if mode not in IMAGE_UNCOND_MODES:
             raise ValueError(f"image_uncond must be one of {IMAGE_UNCOND_MODES}, got {mode!r}")
         ctx = self.encode_images([unconditional_gray_image()])
@@ -121,7 +128,13 @@ class VDPipeline:
             def model_fn(x, t):
                 if not guided:
                     return diffuser.apply(
-                        {"params": diffuser_params}, x, t, cond, xtype="image", ctypes=ctypes, ratios=ratios
+                        {"params": diffuser_params},
+                        x,
+                        t,
+                        cond,
+                        xtype="image",
+                        ctypes=ctypes,
+                        ratios=ratios,
                     )
                 both = [jnp.concatenate([u, c]) for u, c in zip(uncond, cond, strict=True)]
                 out = diffuser.apply(
@@ -175,7 +188,9 @@ class VDPipeline:
             init_noise = np.asarray(init_noise, np.float32)
             want = (shape[0], shape[3], shape[1], shape[2])
             if init_noise.shape != want:
-                raise ValueError(f"init_noise has shape {init_noise.shape}; expected {want} ([N, C, H/f, W/f])")
+                raise ValueError(
+                    f"init_noise has shape {init_noise.shape}; expected {want} ([N, C, H/f, W/f])"
+                )
             x_init = jnp.asarray(init_noise.transpose(0, 2, 3, 1), self.dtype)
         else:
             x_init = jax.random.normal(jax.random.key(seed), shape, self.dtype)
@@ -199,17 +214,23 @@ class VDPipeline:
         compile_s = 0.0
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = self._sampler(ctypes, guided, float(eta), show_progress).lower(*args).compile()
+            self._compiled[key] = (
+                self._sampler(ctypes, guided, float(eta), show_progress).lower(*args).compile()
+            )
             compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         with ddim.progress(num_steps, disable=not show_progress):
             images, latents = self._compiled[key](*args)
             images = np.asarray(jax.block_until_ready(images), np.float32)
-        return SampleResult(images, np.asarray(latents, np.float32), compile_s, time.perf_counter() - t0)
+        return SampleResult(
+            images, np.asarray(latents, np.float32), compile_s, time.perf_counter() - t0
+        )
 
     # ------------------------------------------------------------------ flows
 
-    def text_to_image(self, prompts: str | Sequence[str], *, num_samples: int = 1, **kw) -> SampleResult:
+    def text_to_image(
+        self, prompts: str | Sequence[str], *, num_samples: int = 1, **kw
+    ) -> SampleResult:
         """Images from prompts: image data blocks + text-context blocks."""
         prompts = _as_list(prompts)
         cond = jnp.repeat(self.encode_prompts(prompts), num_samples, axis=0)
@@ -251,8 +272,11 @@ class VDPipeline:
         uncond_text = self.encode_prompts([""] * len(text))
         uncond_image = self.unconditional_image_context(len(image), image_uncond)
         return self.generate(
-            [text, image], [uncond_text, uncond_image], ("text", "image"),
-            (text_strength, 1.0 - text_strength), **kw,
+            [text, image],
+            [uncond_text, uncond_image],
+            ("text", "image"),
+            (text_strength, 1.0 - text_strength),
+            **kw,
         )
 
 

@@ -47,7 +47,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in _DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r}: choose one of {sorted(_DTYPES)}")
     if config.image_uncond not in IMAGE_UNCOND_MODES:
-        raise ConfigError(f"config.image_uncond={config.image_uncond!r}: one of {IMAGE_UNCOND_MODES}")
+        raise ConfigError(
+            f"config.image_uncond={config.image_uncond!r}: one of {IMAGE_UNCOND_MODES}"
+        )
     if config.init_noise and not os.path.isfile(config.init_noise):
         raise ConfigError(f"config.init_noise: {config.init_noise!r} does not exist")
 
@@ -89,7 +91,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         result = pipe.image_variation(images, image_uncond=config.image_uncond, **kw)
     else:
         result = pipe.dual_guided(
-            prompts, images, text_strength=config.text_strength, image_uncond=config.image_uncond, **kw
+            prompts,
+            images,
+            text_strength=config.text_strength,
+            image_uncond=config.image_uncond,
+            **kw,
         )
     total_s = time.perf_counter() - t0
 

@@ -44,10 +44,28 @@ IMAGE_PX = 16  # "tiny" output images (VAE factor 2, latent 8x8)
 # Sizes per preset. "tiny" runs a DDIM step in milliseconds; "small" has the released
 # model's structure (3 levels, attention on the first two, 8 heads) at 1/5 the width.
 SIZES = {
-    "tiny": dict(ctx=32, clip_hidden=32, clip_layers=2, unet_channels=(32, 64), heads=4,
-                 groups=8, vae_channels=(16, 32), latent=8, text_dim=24),
-    "small": dict(ctx=64, clip_hidden=64, clip_layers=4, unet_channels=(64, 128, 128),
-                  heads=8, groups=32, vae_channels=(32, 64, 64), latent=16, text_dim=96),
+    "tiny": dict(
+        ctx=32,
+        clip_hidden=32,
+        clip_layers=2,
+        unet_channels=(32, 64),
+        heads=4,
+        groups=8,
+        vae_channels=(16, 32),
+        latent=8,
+        text_dim=24,
+    ),
+    "small": dict(
+        ctx=64,
+        clip_hidden=64,
+        clip_layers=4,
+        unet_channels=(64, 128, 128),
+        heads=8,
+        groups=32,
+        vae_channels=(32, 64, 64),
+        latent=16,
+        text_dim=96,
+    ),
 }
 
 
@@ -65,8 +83,12 @@ def build_components(tmp_dir: str, seed: int = 0, size: str = "tiny") -> dict:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=z["clip_hidden"], intermediate_size=37 + z["clip_hidden"],
-            num_hidden_layers=z["clip_layers"], num_attention_heads=4, max_position_embeddings=77,
+            vocab_size=49408,
+            hidden_size=z["clip_hidden"],
+            intermediate_size=37 + z["clip_hidden"],
+            num_hidden_layers=z["clip_layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
             projection_dim=z["ctx"],
             hidden_act="quick_gelu",
         )
@@ -74,34 +96,51 @@ def build_components(tmp_dir: str, seed: int = 0, size: str = "tiny") -> dict:
     # 32 px / patch 2 = 256 patches + CLS = 257 tokens, as diffusers' dual pipeline assumes.
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=z["clip_hidden"], intermediate_size=37 + z["clip_hidden"],
-            num_hidden_layers=z["clip_layers"], num_attention_heads=4, image_size=32, patch_size=2,
-            projection_dim=z["ctx"], hidden_act="quick_gelu",
+            hidden_size=z["clip_hidden"],
+            intermediate_size=37 + z["clip_hidden"],
+            num_hidden_layers=z["clip_layers"],
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=2,
+            projection_dim=z["ctx"],
+            hidden_act="quick_gelu",
         )
     ).eval()
     unet_kw = dict(
-        block_out_channels=z["unet_channels"], layers_per_block=2, cross_attention_dim=z["ctx"],
-        attention_head_dim=z["heads"], norm_num_groups=z["groups"],
+        block_out_channels=z["unet_channels"],
+        layers_per_block=2,
+        cross_attention_dim=z["ctx"],
+        attention_head_dim=z["heads"],
+        norm_num_groups=z["groups"],
     )
     attn = [True] * (levels - 1) + [False]  # VD: attention everywhere but the deepest level
     down = lambda a, flat: ("CrossAttnDownBlock" if a else "DownBlock") + ("Flat" if flat else "2D")
     up = lambda a, flat: ("CrossAttnUpBlock" if a else "UpBlock") + ("Flat" if flat else "2D")
     image_unet = UNet2DConditionModel(
-        sample_size=z["latent"], in_channels=4, out_channels=4,
+        sample_size=z["latent"],
+        in_channels=4,
+        out_channels=4,
         down_block_types=tuple(down(a, False) for a in attn),
-        up_block_types=tuple(up(a, False) for a in reversed(attn)), **unet_kw,
+        up_block_types=tuple(up(a, False) for a in reversed(attn)),
+        **unet_kw,
     ).eval()
     text_unet = UNetFlatConditionModel(
-        in_channels=(z["text_dim"], 1, 1), out_channels=(z["text_dim"], 1, 1),
+        in_channels=(z["text_dim"], 1, 1),
+        out_channels=(z["text_dim"], 1, 1),
         down_block_types=tuple(down(a, True) for a in attn),
-        up_block_types=tuple(up(a, True) for a in reversed(attn)), **unet_kw,
+        up_block_types=tuple(up(a, True) for a in reversed(attn)),
+        **unet_kw,
     ).eval()
     vae_levels = len(z["vae_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=z["vae_channels"],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=z["vae_channels"],
         down_block_types=("DownEncoderBlock2D",) * vae_levels,
         up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        layers_per_block=1, norm_num_groups=min(z["groups"], 16),
+        layers_per_block=1,
+        norm_num_groups=min(z["groups"], 16),
         sample_size=z["latent"] * 2 ** (vae_levels - 1),
     ).eval()
     for i, m in enumerate((text_encoder, image_encoder, image_unet, text_unet, vae)):
@@ -112,8 +151,12 @@ def build_components(tmp_dir: str, seed: int = 0, size: str = "tiny") -> dict:
     return dict(
         tokenizer=load_clip_tokenizer(tok_dir),
         image_feature_extractor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3,
-            do_center_crop=True, do_normalize=True, do_resize=True,
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
+            resample=3,
+            do_center_crop=True,
+            do_normalize=True,
+            do_resize=True,
             image_mean=[0.48145466, 0.4578275, 0.40821073],
             image_std=[0.26862954, 0.26130258, 0.27577711],
         ),
@@ -123,8 +166,12 @@ def build_components(tmp_dir: str, seed: int = 0, size: str = "tiny") -> dict:
         text_unet=text_unet,
         vae=vae,
         scheduler=DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
         ),
     )
 
@@ -135,15 +182,22 @@ def save_folder(components: dict, path: str) -> str:
 
 
 def reference_pipelines(components: dict) -> dict:
-    """The three diffusers flow pipelines, each on its own copy (they rewire the U-Nets in place)."""
+    """The three diffusers flow pipelines, each on its own copy (they rewire U-Nets in place)."""
     c = lambda name: copy.deepcopy(components[name])
     t2i = VersatileDiffusionTextToImagePipeline(
-        tokenizer=c("tokenizer"), text_encoder=c("text_encoder"), image_unet=c("image_unet"),
-        text_unet=c("text_unet"), vae=c("vae"), scheduler=c("scheduler"),
+        tokenizer=c("tokenizer"),
+        text_encoder=c("text_encoder"),
+        image_unet=c("image_unet"),
+        text_unet=c("text_unet"),
+        vae=c("vae"),
+        scheduler=c("scheduler"),
     )
     iv = VersatileDiffusionImageVariationPipeline(
-        image_feature_extractor=c("image_feature_extractor"), image_encoder=c("image_encoder"),
-        image_unet=c("image_unet"), vae=c("vae"), scheduler=c("scheduler"),
+        image_feature_extractor=c("image_feature_extractor"),
+        image_encoder=c("image_encoder"),
+        image_unet=c("image_unet"),
+        vae=c("vae"),
+        scheduler=c("scheduler"),
     )
     dual = VersatileDiffusionDualGuidedPipeline(
         **{k: c(k) for k in components if k != "safety_checker"}
@@ -161,8 +215,6 @@ def sample_picture(seed: int = 0, size: tuple[int, int] = (40, 52)) -> Image.Ima
     base = np.stack([np.sin(6 * xx + rng.uniform(0, 3)), np.cos(5 * yy), xx * yy], -1)
     arr = (base - base.min()) / (np.ptp(base) + 1e-9)
     return Image.fromarray((arr * 255).astype(np.uint8))
-
-
 
 
 def main(argv: list[str]) -> None:

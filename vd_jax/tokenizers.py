@@ -31,7 +31,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_clip_tokenizer_files(directory: str | os.PathLike) -> str:
-    """Writes `vocab.json`, `merges.txt` and the tokenizer configs of CLIP ViT-L/14 into `directory`."""
+    """Writes `vocab.json`, `merges.txt` and tokenizer configs of CLIP ViT-L/14 into `directory`."""
     raw = resources.files("vd_jax.assets").joinpath(_MERGES_RESOURCE).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : _NUM_MERGES + 1]]
@@ -61,6 +61,9 @@ def load_clip_tokenizer(directory: str | os.PathLike):
     """transformers' CLIPTokenizer from a local folder (never the hub)."""
     from transformers import CLIPTokenizer
 
-    if not os.path.isfile(os.path.join(directory, "vocab.json")):
-        raise FileNotFoundError(f"{directory}: no CLIP tokenizer here (vocab.json missing)")
+    names = ("vocab.json", "tokenizer.json")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in names):
+        raise FileNotFoundError(
+            f"{directory}: no CLIP tokenizer here (neither {' nor '.join(names)})"
+        )
     return CLIPTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)

@@ -54,7 +54,9 @@ def ddim_tables(schedule: NoiseSchedule, num_steps: int) -> DDIMTables:
     prev = ts - schedule.num_train_timesteps // num_steps
     alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
     return DDIMTables(
-        jnp.asarray(ts, jnp.int32), jnp.asarray(ac[ts], jnp.float32), jnp.asarray(alpha_prev, jnp.float32)
+        jnp.asarray(ts, jnp.int32),
+        jnp.asarray(ac[ts], jnp.float32),
+        jnp.asarray(alpha_prev, jnp.float32),
     )
 
 

@@ -59,7 +59,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler_config(cls, cfg: Mapping[str, Any]) -> NoiseSchedule:
-        """Reads a diffusers scheduler config dict; unknown keys are ignored, missing ones default."""
+        """Reads a diffusers scheduler config dict (unknown keys ignored, missing ones default)."""
         if cfg.get("thresholding"):
             raise ValueError("scheduler_config: dynamic thresholding is not supported")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -168,10 +168,12 @@ def layer_plan(config: DiffuserConfig) -> tuple[Step, ...]:
 
 
 def data_steps(config: DiffuserConfig) -> tuple[Step, ...]:
+    """The 'd' steps of `layer_plan`: data block i is `data_steps(config)[i]`."""
     return tuple(s for s in layer_plan(config) if s.op == "d")
 
 
 def context_widths(config: DiffuserConfig) -> tuple[int, ...]:
+    """Channel width of each context block, in order."""
     return tuple(s.out_ch for s in layer_plan(config) if s.op == "c")
 
 
@@ -216,6 +218,8 @@ class TimeEmbedding(nn.Module):
 
 
 class ImageIn(nn.Module):
+    """Block 0 of the image branch: conv_in 3x3."""
+
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -227,6 +231,8 @@ class ImageIn(nn.Module):
 
 
 class ImageOut(nn.Module):
+    """The last image block: GroupNorm - SiLU - conv 3x3 to the latent's channels."""
+
     out_channels: int
     norm_groups: int = 32
     epsilon: float = 1e-5
@@ -249,28 +255,31 @@ class DataBlocks(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        self.blocks = [self._make(step) for step in data_steps(self.config)]
+
+    def _make(self, step: Step) -> nn.Module:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(norm_groups=cfg.norm_groups, epsilon=cfg.norm_eps)
-        blocks = []
-        for step in data_steps(cfg):
-            if self.xtype == "image":
-                block = {
-                    "in": lambda s: ImageIn(s.out_ch, **kw),
-                    "res": lambda s: ResnetBlock2D(s.out_ch, **norm, **kw),
-                    "down": lambda s: Downsample2D(s.out_ch, **kw),
-                    "up": lambda s: Upsample2D(s.out_ch, **kw),
-                    "out": lambda s: ImageOut(cfg.image_out_channels, **norm, **kw),
-                }[step.kind](step)
-            else:
-                block = {
-                    "in": lambda s: TextIn(s.out_ch, cfg.text_second_dim, **kw),
-                    "res": lambda s: FCResBlock(s.out_ch, **norm, **kw),
-                    "down": lambda s: TextResample(**kw),
-                    "up": lambda s: TextResample(**kw),
-                    "out": lambda s: TextOut(cfg.text_dim, **norm, **kw),
-                }[step.kind](step)
-            blocks.append(block)
-        self.blocks = blocks
+        image = self.xtype == "image"
+        if step.kind == "in":
+            return (
+                ImageIn(step.out_ch, **kw)
+                if image
+                else TextIn(step.out_ch, cfg.text_second_dim, **kw)
+            )
+        if step.kind == "res":
+            return (
+                ResnetBlock2D(step.out_ch, **norm, **kw)
+                if image
+                else FCResBlock(step.out_ch, **norm, **kw)
+            )
+        if step.kind == "down":
+            return Downsample2D(step.out_ch, **kw) if image else TextResample(**kw)
+        if step.kind == "up":
+            return Upsample2D(step.out_ch, **kw) if image else TextResample(**kw)
+        if image:
+            return ImageOut(cfg.image_out_channels, **norm, **kw)
+        return TextOut(cfg.text_dim, **norm, **kw)
 
     def __call__(self, index: int, h: jax.Array, emb: jax.Array) -> jax.Array:
         if data_steps(self.config)[index].kind in ("down", "up") and self.xtype == "image":
