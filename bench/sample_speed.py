@@ -31,7 +31,23 @@ def _diffusers_t2i(folder_or_components):
     )
 
     if isinstance(folder_or_components, str):
-        pipe = VersatileDiffusionTextToImagePipeline.from_pretrained(folder_or_components)
+        # model_index.json names UNetFlatConditionModel, which diffusers' loader cannot
+        # resolve: load each component the pipeline needs by itself, as a user would.
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import (
+            UNetFlatConditionModel,
+        )
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        sub = lambda name: os.path.join(folder_or_components, name)
+        pipe = VersatileDiffusionTextToImagePipeline(
+            tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(sub("text_encoder")),
+            image_unet=UNet2DConditionModel.from_pretrained(sub("image_unet")),
+            text_unet=UNetFlatConditionModel.from_pretrained(sub("text_unet")),
+            vae=AutoencoderKL.from_pretrained(sub("vae")),
+            scheduler=DDIMScheduler.from_pretrained(sub("scheduler")),
+        )
     else:
         c = {k: copy.deepcopy(v) for k, v in folder_or_components.items()}
         pipe = VersatileDiffusionTextToImagePipeline(

@@ -7,7 +7,8 @@ applies the table to a lazily read state dict and an abstract param tree
 every missing, unexpected and mis-shaped key, instead of loading half a model.
 
 No pickle code is ever executed: `.safetensors` are read with safetensors, and
-`.bin`/`.pth` only through `torch.load(..., weights_only=True)`.
+`.bin`/`.pth` with vd_jax's own allow-list unpickler (torch_zip.py), which needs no
+PyTorch.
 """
 
 from __future__ import annotations
@@ -209,40 +210,26 @@ def _read_safetensors(path: str) -> StateDict:
 
 
 def _read_torch(path: str) -> StateDict:
+    from vd_jax.convert.torch_zip import TorchZipFile
+
     try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: reading .bin/.pth files needs PyTorch (pip install 'vd_jax[torch]'); "
-            "or convert the folder to .safetensors"
-        ) from None
-    try:
-        # weights_only=True: the unpickler refuses anything but tensors and plain containers,
-        # so a checkpoint carrying code is rejected instead of executed. mmap keeps peak memory
-        # at one tensor's size.
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: refused or unreadable PyTorch file ({type(e).__name__}: {e})"
-        ) from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+        archive = TorchZipFile(path)
+    except Exception as e:  # UnsafePickleError, a damaged zip, a broken pickle
+        raise CheckpointError(f"{path}: refused or unreadable PyTorch file ({e})") from None
 
     def get(key: str) -> np.ndarray:
-        t = sd[key]
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
+        try:
+            return archive.read(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {key!r} cannot be read ({e})") from None
 
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-
+    refs = archive.tensors
     return StateDict(
-        {k: tuple(v.shape) for k, v in sd.items()},
+        {k: r.shape for k, r in refs.items()},
         get,
         path,
-        {k: str(v.dtype).removeprefix("torch.") for k, v in sd.items()},
+        {k: str(np.dtype(r.storage.dtype)) if r.storage.dtype != "bfloat16" else "bfloat16"
+         for k, r in refs.items()},
     )
 
 

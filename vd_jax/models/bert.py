@@ -88,6 +88,8 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
+    """Word + absolute position + token-type embeddings, then LayerNorm."""
+
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -190,6 +192,17 @@ class _Stack(nn.Module):
         return x
 
 
+class _Pooler(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return jnp.tanh(dense(self.config.hidden_size, name="dense", **kw)(h[:, 0]))
+
+
 class BertEncoder(nn.Module):
     """transformers' `BertModel` plus Optimus' latent head (`BertForLatentConnector`).
 
@@ -258,14 +271,3 @@ class BertEncoder(nn.Module):
         pooled = self(input_ids, attention_mask)["pooler_output"]
         mu, logvar = jnp.split(self.linear(pooled), 2, axis=-1)
         return mu, logvar
-
-
-class _Pooler(nn.Module):
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return jnp.tanh(dense(self.config.hidden_size, name="dense", **kw)(h[:, 0]))

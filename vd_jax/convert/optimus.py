@@ -1,0 +1,237 @@
+"""Optimus text-VAE state dicts -> vd_jax.models.optimus params.
+
+`optimus-vae.pth` (shared/research/vd_original.md §8.3) holds the encoder under
+`encoder.*` (transformers `BertModel` names plus Optimus' `encoder.linear`) and
+the decoder under `decoder.*` (`decoder.transformer.*` in `GPT2Model` names plus
+`linear` / `linear_emb`, and `decoder.lm_head.weight`). VD's old full
+checkpoint holds the same keys under `optimus.`.
+
+Two kinds of keys carry no weights of their own:
+- `decoder.transformer.h.{i}.attn.bias` / `.masked_bias` are causal-mask buffers;
+- `decoder.lm_head.weight` is tied to `wte` (the file lists both, stores one).
+  It is consumed and, by default, checked to equal `wte`: a file where they differ
+  was not produced by the tied model this loader rebuilds.
+
+`bert_rules` / `gpt2_rules` also read plain transformers `BertModel` /
+`GPT2LMHeadModel` state dicts (used by the parity tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vd_jax.convert import core
+from vd_jax.convert.core import CheckpointError, Rule, StateDict, embedding, linear, norm
+from vd_jax.models.bert import BertConfig, BertEncoder
+from vd_jax.models.gpt2 import GPT2Config, GPT2Decoder
+
+# Buffers of a BertModel / GPT-2 state dict (files from older transformers keep them).
+_BERT_BUFFERS = (r".*embeddings\.position_ids",)
+_GPT2_BUFFERS = (r".*\.attn\.(bias|masked_bias)",)
+
+
+def bert_rules(cfg: BertConfig, prefix: str = "", *, latent_head: bool = False) -> list[Rule]:
+    """Key table of a transformers `BertModel` (`{prefix}embeddings.*`, `encoder.layer.*`, ...).
+
+    Args:
+      cfg: the encoder config.
+      prefix: put in front of every key ("encoder." inside `optimus-vae.pth`).
+      latent_head: also map Optimus' bias-free `{prefix}linear` (mu/logvar head).
+
+    Returns:
+      The rules for `BertEncoder` params.
+    """
+    p = prefix
+    rules = [
+        *embedding(f"{p}embeddings.word_embeddings", "embeddings/word_embeddings"),
+        *embedding(f"{p}embeddings.position_embeddings", "embeddings/position_embeddings"),
+        *embedding(f"{p}embeddings.token_type_embeddings", "embeddings/token_type_embeddings"),
+        *norm(f"{p}embeddings.LayerNorm", "embeddings/LayerNorm"),
+    ]
+    for i in range(cfg.num_hidden_layers):
+        s, d = f"{p}encoder.layer.{i}", f"encoder/layer_{i}"
+        for proj in ("query", "key", "value"):
+            rules += linear(f"{s}.attention.self.{proj}", f"{d}/attention/self/{proj}")
+        rules += linear(f"{s}.attention.output.dense", f"{d}/attention/output/dense")
+        rules += norm(f"{s}.attention.output.LayerNorm", f"{d}/attention/output/LayerNorm")
+        rules += linear(f"{s}.intermediate.dense", f"{d}/intermediate/dense")
+        rules += linear(f"{s}.output.dense", f"{d}/output/dense")
+        rules += norm(f"{s}.output.LayerNorm", f"{d}/output/LayerNorm")
+    rules += linear(f"{p}pooler.dense", "pooler/dense")
+    if latent_head:
+        rules += linear(f"{p}linear", "linear", bias=False)
+    return rules
+
+
+def _conv1d(src: str, dst: str) -> list[Rule]:
+    # GPT-2's Conv1D stores its weight [in, out], which already is a Flax kernel.
+    return [Rule(f"{src}.weight", f"{dst}/kernel"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+def gpt2_rules(cfg: GPT2Config, prefix: str = "", *, latent_connector: bool = False) -> list[Rule]:
+    """Key table of a transformers `GPT2LMHeadModel` (`{prefix}transformer.*`).
+
+    `{prefix}lm_head.weight` is not in the table (tied to wte): pass
+    `tied_ignore(prefix)` as `ignore`, or use `load_optimus` / `load_gpt2`.
+
+    Args:
+      cfg: the decoder config.
+      prefix: put in front of every key ("decoder." inside `optimus-vae.pth`).
+      latent_connector: also map Optimus' bias-free `transformer.linear` (memory)
+        and `transformer.linear_emb` (embedding offset).
+
+    Returns:
+      The rules for `GPT2Decoder` params.
+    """
+    t = f"{prefix}transformer"
+    rules = [*embedding(f"{t}.wte", "wte"), *embedding(f"{t}.wpe", "wpe")]
+    for i in range(cfg.n_layer):
+        s, d = f"{t}.h.{i}", f"h_{i}"
+        rules += norm(f"{s}.ln_1", f"{d}/ln_1")
+        rules += _conv1d(f"{s}.attn.c_attn", f"{d}/attn/c_attn")
+        rules += _conv1d(f"{s}.attn.c_proj", f"{d}/attn/c_proj")
+        rules += norm(f"{s}.ln_2", f"{d}/ln_2")
+        rules += _conv1d(f"{s}.mlp.c_fc", f"{d}/mlp/c_fc")
+        rules += _conv1d(f"{s}.mlp.c_proj", f"{d}/mlp/c_proj")
+    rules += norm(f"{t}.ln_f", "ln_f")
+    if latent_connector:
+        rules += linear(f"{t}.linear", "linear", bias=False)
+        rules += linear(f"{t}.linear_emb", "linear_emb", bias=False)
+    return rules
+
+
+def tied_ignore(prefix: str = "") -> list[str]:
+    """Ignore patterns of a GPT-2 state dict: the mask buffers and the tied lm_head."""
+    p = re.escape(prefix)
+    return [rf"{p}transformer\.h\.\d+\.attn\.(bias|masked_bias)", rf"{p}lm_head\.weight"]
+
+
+def optimus_rules(bert_cfg: BertConfig, gpt2_cfg: GPT2Config, prefix: str = "") -> list[Rule]:
+    """Key table of `optimus-vae.pth` (prefix "") or VD's old full checkpoint ("optimus.").
+
+    Destinations are `encoder/...` (a `BertEncoder`) and `decoder/...` (a
+    `GPT2Decoder`). Buffers and the tied `decoder.lm_head.weight` are not rules;
+    see `optimus_ignore`.
+    """
+    enc = bert_rules(bert_cfg, f"{prefix}encoder.", latent_head=True)
+    dec = gpt2_rules(gpt2_cfg, f"{prefix}decoder.", latent_connector=True)
+    return [Rule(r.src, f"encoder/{r.dst}", r.transform) for r in enc] + [
+        Rule(r.src, f"decoder/{r.dst}", r.transform) for r in dec
+    ]
+
+
+def optimus_ignore(prefix: str = "") -> list[str]:
+    """Keys of an Optimus state dict that map to no param (buffers, tied lm_head)."""
+    return [*(re.escape(prefix) + b for b in _BERT_BUFFERS), *tied_ignore(f"{prefix}decoder.")]
+
+
+def _under(state: StateDict, prefix: str) -> StateDict:
+    # In VD's old full checkpoint only the keys under the prefix are Optimus'.
+    return state.without(f"(?!{re.escape(prefix)}).*") if prefix else state
+
+
+def _check_tied(state: StateDict, wte_key: str, head_key: str):
+    if head_key not in state:
+        return
+    if state.shape(head_key) != state.shape(wte_key) or not np.array_equal(
+        np.asarray(state[head_key]), np.asarray(state[wte_key])
+    ):
+        raise CheckpointError(
+            f"cannot load from {state.source}: {head_key} differs from {wte_key}, but the "
+            "decoder ties its output projection to the token embeddings"
+        )
+
+
+def abstract_optimus(
+    bert_cfg: BertConfig, gpt2_cfg: GPT2Config, *, dtype: Any = jnp.float32, param_dtype=None
+) -> dict[str, Any]:
+    """Shapes of the Optimus params ({'encoder': ..., 'decoder': ...}), no memory used."""
+    param_dtype = jnp.float32 if param_dtype is None else param_dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    enc = BertEncoder(bert_cfg, **kw)
+    dec = GPT2Decoder(gpt2_cfg, **kw)
+    z = jnp.zeros((1, gpt2_cfg.latent_size), jnp.float32)
+    return {
+        "encoder": core.abstract_params(
+            functools.partial(enc.init, method="latent"), jax.random.key(0), ids
+        ),
+        "decoder": core.abstract_params(dec.init, jax.random.key(0), ids, z),
+    }
+
+
+def load_optimus(
+    state: StateDict,
+    bert_cfg: BertConfig,
+    gpt2_cfg: GPT2Config,
+    *,
+    prefix: str = "",
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    check_tied: bool = True,
+) -> dict[str, Any]:
+    """Loads the Optimus VAE params from `optimus-vae.pth` (or an old full VD checkpoint).
+
+    Args:
+      state: the (lazy) state dict.
+      bert_cfg: encoder config (`vd_jax.models.optimus.optimus_configs`).
+      gpt2_cfg: decoder config.
+      prefix: "optimus." for VD's old full checkpoint; keys outside it are not looked at.
+      dtype: compute dtype of the models the params are for (does not change them).
+      param_dtype: dtype of the returned arrays.
+      check_tied: verify that `decoder.lm_head.weight`, when present, equals `wte`.
+
+    Returns:
+      `{"encoder": BertEncoder params, "decoder": GPT2Decoder params}` (numpy arrays).
+
+    Raises:
+      CheckpointError: naming every missing, unexpected or mis-shaped key.
+    """
+    target = abstract_optimus(bert_cfg, gpt2_cfg, dtype=dtype, param_dtype=param_dtype)
+    state = _under(state, prefix)
+    params = core.load_params(
+        state,
+        optimus_rules(bert_cfg, gpt2_cfg, prefix),
+        target,
+        ignore=optimus_ignore(prefix),
+        what="Optimus text VAE",
+    )
+    if check_tied:
+        d = f"{prefix}decoder."
+        _check_tied(state, f"{d}transformer.wte.weight", f"{d}lm_head.weight")
+    return params
+
+
+def load_bert(
+    state: StateDict, cfg: BertConfig, *, prefix: str = "", param_dtype: Any = jnp.float32
+) -> dict[str, Any]:
+    """Loads a plain transformers `BertModel` state dict into `BertEncoder` params (no `linear`)."""
+    model = BertEncoder(cfg, param_dtype=param_dtype)
+    target = core.abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    return core.load_params(
+        _under(state, prefix),
+        bert_rules(cfg, prefix),
+        target,
+        ignore=[re.escape(prefix) + b for b in _BERT_BUFFERS],
+        what="BERT encoder",
+    )
+
+
+def load_gpt2(
+    state: StateDict, cfg: GPT2Config, *, prefix: str = "", param_dtype: Any = jnp.float32
+) -> dict[str, Any]:
+    """Loads a plain transformers `GPT2LMHeadModel` state dict into `GPT2Decoder` params."""
+    model = GPT2Decoder(cfg, param_dtype=param_dtype)
+    target = core.abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    state = _under(state, prefix)
+    params = core.load_params(
+        state, gpt2_rules(cfg, prefix), target, ignore=tied_ignore(prefix), what="GPT-2"
+    )
+    _check_tied(state, f"{prefix}transformer.wte.weight", f"{prefix}lm_head.weight")
+    return params
