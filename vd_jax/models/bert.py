@@ -263,11 +263,13 @@ class BertEncoder(nn.Module):
 
         Args:
           input_ids: [B, L] ids from `vd_jax.optimus_tokenizers.encode_for_optimus`.
-          attention_mask: [B, L] (ids > 0 in the original).
+          attention_mask: [B, L]; None = `ids > 0`, the original's mask.
 
         Returns:
           (mu, logvar), each [B, latent_size]. VD's text latent is mu, unscaled.
         """
+        if attention_mask is None:
+            attention_mask = jnp.asarray(input_ids) > 0
         pooled = self(input_ids, attention_mask)["pooler_output"]
         mu, logvar = jnp.split(self.linear(pooled), 2, axis=-1)
         return mu, logvar

@@ -384,7 +384,7 @@ class CLIPVisionEncoder(nn.Module):
         self.post_layernorm = LayerNorm(cfg.layer_norm_eps, **kw)
         self.visual_projection = dense(cfg.projection_dim, use_bias=False, **kw)
 
-    def _hidden(self, pixel_values: jax.Array) -> jax.Array:
+    def _hidden(self, pixel_values: jax.Array, token_weights: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (
             cfg.image_size,
@@ -396,7 +396,10 @@ class CLIPVisionEncoder(nn.Module):
                 f"pixel_values must be [B, {cfg.image_size}, {cfg.image_size}, "
                 f"{cfg.num_channels}] (NHWC), got {list(pixel_values.shape)}"
             )
-        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        x = self.embeddings(pixel_values)
+        if token_weights is not None:
+            x = x * token_weights[..., None].astype(x.dtype)
+        return self.encoder(self.pre_layrnorm(x))
 
     def __call__(self, pixel_values: jax.Array) -> dict[str, jax.Array]:
         """Runs the tower.
@@ -417,14 +420,20 @@ class CLIPVisionEncoder(nn.Module):
             "image_embeds": self.visual_projection(pooled),
         }
 
-    def context(self, pixel_values: jax.Array) -> jax.Array:
+    def context(self, pixel_values: jax.Array, token_weights: jax.Array | None = None) -> jax.Array:
         """VD's image context: projected post-LN tokens over the norm of the projected CLS.
 
         Args:
           pixel_values: [B, H, W, C] normalised pixels.
+          token_weights: optional [B, 1+N] weights (VD's masked encoding, see
+            `vd_jax.applications.mask_token_weights`): they scale the input embeddings
+            and, again, the output tokens.
 
         Returns:
           [B, 1+N, P] in `dtype`.
         """
-        z = self.visual_projection(self.post_layernorm(self._hidden(pixel_values)))
-        return _unit_norm_by(z, z[:, 0], self.dtype)
+        z = self.visual_projection(self.post_layernorm(self._hidden(pixel_values, token_weights)))
+        z = _unit_norm_by(z, z[:, 0], self.dtype)
+        if token_weights is not None:
+            z = z * token_weights[..., None].astype(z.dtype)
+        return z
