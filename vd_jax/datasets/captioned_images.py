@@ -339,12 +339,14 @@ def _build(config: CaptionedImagesConfig, data_dir: str, overwrite: bool) -> dic
     builder = CaptionedImages(data_dir=data_dir, config=config)
     dataset_dir = os.fspath(builder.data_dir)
     report_path = os.path.join(dataset_dir, REPORT_FILE)
-    if overwrite and os.path.exists(dataset_dir):
+    if os.path.exists(dataset_dir):
+        if not overwrite:
+            if not os.path.exists(report_path):
+                raise FileExistsError(f"{dataset_dir} exists without {REPORT_FILE}; overwrite?")
+            with open(report_path) as f:
+                return {**json.load(f), "reused": True}
         shutil.rmtree(dataset_dir)
         builder = CaptionedImages(data_dir=data_dir, config=config)
-    elif os.path.exists(report_path):
-        with open(report_path) as f:
-            return {**json.load(f), "reused": True}
     builder.download_and_prepare(file_format="array_record")
     report = {
         "name": config.name,

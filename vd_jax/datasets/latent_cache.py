@@ -161,6 +161,8 @@ def write_latent_cache(
     info_path = os.path.join(dataset_dir, INFO_FILE)
     if os.path.exists(dataset_dir):
         if not overwrite:
+            if not os.path.exists(info_path):
+                raise FileExistsError(f"{dataset_dir} exists without {INFO_FILE}; overwrite?")
             with open(info_path) as f:
                 return {**json.load(f), "reused": True}
         shutil.rmtree(dataset_dir)
