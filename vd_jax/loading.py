@@ -70,6 +70,12 @@ class VDModels:
     vision_params: dict | None = None
     image_processor: CLIPImageProcessorConfig | None = None
     image_sample_size: int | None = None  # the image U-Net's default latent size
+    squash_images_to: int | None = None  # resize inputs to this square first (original app)
+    optimus_configs: tuple | None = None  # (BertConfig, GPT2Config)
+    optimus_params: dict | None = None  # {"encoder": ..., "decoder": ...}, as the flows need
+    bert_tokenizer: Any = None
+    gpt2_tokenizer: Any = None
+    optimus_lowercase: bool = True  # the original lower-cases text before its cased BERT
 
 
 def read_json(path: str) -> dict:
@@ -139,6 +145,12 @@ def load_diffusers_folder(
     flows = _check_flows(flows)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
+    text_only = [f for f in flows if FLOW_NEEDS[f].get("optimus")]
+    if text_only:
+        raise CheckpointError(
+            f"{folder}: a diffusers folder has no Optimus text VAE, so {text_only} cannot run; "
+            "point `weights` at the released original files (optimus-vae.pth, ...) instead"
+        )
     index = read_json(os.path.join(folder, "model_index.json"))
     needs_text = any(FLOW_NEEDS[f]["text"] for f in flows)
     needs_image = any(FLOW_NEEDS[f]["image"] for f in flows)
@@ -206,6 +218,27 @@ def load_diffusers_folder(
         read_json(proc)  # a clear error if absent or broken
         models.image_processor = CLIPImageProcessorConfig.from_json_file(proc)
     return models
+
+
+def load_models(
+    folder: str | os.PathLike, flows: Sequence[str], *, param_dtype: Any = jnp.float32
+) -> VDModels:
+    """Loads what `flows` need from a diffusers-format folder or a folder of SHI-Labs'
+    released files (`vd-four-flow-v1-0-fp16.pth`, `kl-f8.pth`, `optimus-vae.pth`, ...)."""
+    from vd_jax.loading_original import is_original_folder, load_original_folder
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such folder")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return load_diffusers_folder(folder, flows, param_dtype=param_dtype)
+    if is_original_folder(folder):
+        return load_original_folder(folder, flows, param_dtype=param_dtype)
+    raise CheckpointError(
+        f"{folder}: neither a diffusers folder (model_index.json) nor a folder of the released "
+        "original files (vd-four-flow-v1-0-fp16.pth / vd-four-flow-v1-0.pth, kl-f8.pth, "
+        "optimus-vae.pth)"
+    )
 
 
 def param_count(params: Any) -> int:

@@ -1,10 +1,12 @@
-"""VD's image flows: text->image, image variation and dual-guided generation.
+"""VD's flows on loaded models: the image flows, the text flows and the editing applications.
 
-`VDPipeline` encodes the contexts with the Flax CLIP towers, then runs the whole
-DDIM loop with classifier-free guidance (uncond and cond in one batch) and the
-VAE decode inside one jitted function, compiled once per shape and cached.
-Arithmetic follows diffusers' VersatileDiffusion pipelines, so the same initial
-noise gives the same pixels.
+`VDPipeline` encodes contexts with the Flax CLIP towers, then runs the whole DDIM
+loop with classifier-free guidance (uncond and cond in one batch) and, for
+images, the VAE decode inside one jitted function, compiled once per shape and
+cached. Text latents are decoded by the Optimus GPT-2 with a KV cache, also in
+one jit. The image flows follow diffusers' VersatileDiffusion pipelines
+arithmetic for arithmetic, so the same initial noise gives the same pixels; the
+text flows and applications follow SHI-Labs' app (vd_original.md §6).
 """
 
 from __future__ import annotations
@@ -19,33 +21,41 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vd_jax import applications as apps
 from vd_jax.diffusion import ddim
 from vd_jax.image_processing import preprocess, unconditional_gray_image
 from vd_jax.loading import VDModels
 from vd_jax.models.clip import CLIPTextEncoder, CLIPVisionEncoder
 from vd_jax.models.unet import VDDiffuser
-from vd_jax.models.vae import AutoencoderKL, decode_latents
+from vd_jax.models.vae import AutoencoderKL, decode_latents, encode_images
 
-IMAGE_UNCOND_MODES = ("gray", "zeros")
+# Unconditional image contexts: CLIP of diffusers' gray image, the new app's zeros
+# (variation, dual, blending) or CLIP of a black image (the app's image->text).
+IMAGE_UNCOND_MODES = ("gray", "zeros", "black")
 
 
 @dataclasses.dataclass
 class SampleResult:
-    images: np.ndarray  # [N, H, W, 3] float32 in [0, 1]
-    latents: np.ndarray  # [N, h, w, C] final latents (NHWC)
+    latents: np.ndarray  # [N, h, w, C] image latents (NHWC) or [N, D] text latents
     compile_s: float  # 0 when the compiled sampler was cached
     sample_s: float
+    images: np.ndarray | None = None  # [N, H, W, 3] float32 in [0, 1] (image flows)
+    texts: list[str] | None = None  # decoded sentences (text flows)
 
 
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _pil(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
 class VDPipeline:
-    """Samples the image flows from loaded `VDModels`.
+    """Samples VD's flows from loaded `VDModels` (what was not loaded raises on use).
 
     Args:
-      models: from `vd_jax.loading.load_diffusers_folder`.
+      models: from `vd_jax.loading.load_diffusers_folder` or `load_original_folder`.
       dtype: compute dtype (float32 for parity; bfloat16 on accelerators).
     """
 
@@ -60,27 +70,34 @@ class VDPipeline:
         self.image_encoder = (
             CLIPVisionEncoder(models.vision_config, dtype=dtype) if models.vision_config else None
         )
-        put = lambda p: None if p is None else jax.device_put(p)
-        self.diffuser_params = put(models.diffuser_params)
-        self.vae_params = put(models.vae_params)
-        self.text_params = put(models.text_params)
-        self.vision_params = put(models.vision_params)
+        self.params = jax.device_put(
+            dict(
+                diffuser=models.diffuser_params,
+                vae=models.vae_params,
+                text=models.text_params,
+                vision=models.vision_params,
+                optimus=models.optimus_params,
+            )
+        )
         self._encode_text = jax.jit(
             lambda p, ids: self.text_encoder.apply({"params": p}, ids, method="context")
         )
         self._encode_image = jax.jit(
-            lambda p, px: self.image_encoder.apply({"params": p}, px, method="context")
+            lambda p, px, w: self.image_encoder.apply({"params": p}, px, w, method="context")
         )
         self._compiled: dict[Any, Any] = {}
+
+    def _need(self, what: str, present: Any) -> None:
+        if present is None:
+            raise ValueError(
+                f"this pipeline was loaded without {what}: load it with a flow that uses it"
+            )
 
     # ------------------------------------------------------------------ contexts
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP-text contexts [B, 77, D]: every projected token / |projected EOS|."""
-        if self.text_encoder is None:
-            raise ValueError(
-                "this pipeline was loaded without the text encoder (flows without text)"
-            )
+        self._need("the CLIP text encoder", self.text_encoder)
         tok = self.models.tokenizer
         ids = tok(
             list(prompts),
@@ -89,29 +106,99 @@ class VDPipeline:
             truncation=True,
             return_tensors="np",
         ).input_ids
-        return self._encode_text(self.text_params, jnp.asarray(ids, jnp.int32))
+        return self._encode_text(self.params["text"], jnp.asarray(ids, jnp.int32))
 
-    def encode_images(self, images: Sequence[Any]) -> jax.Array:
-        """CLIP-image contexts [B, 257, D]: every projected token / |projected CLS|."""
-        if self.image_encoder is None:
-            raise ValueError(
-                "this pipeline was loaded without the image encoder (flows without images)"
+    def encode_images(self, images: Sequence[Any], masks: Sequence[Any] | None = None) -> jax.Array:
+        """CLIP-image contexts [B, 1+N, D]: every projected token / |projected CLS|.
+
+        `masks` (optional, one per image, [H, W] in [0, 1], 1 = keep) weight the tokens
+        as VD's multi-context blender does.
+        """
+        self._need("the CLIP image encoder", self.image_encoder)
+        images = list(images)
+        if self.models.squash_images_to:
+            # The original app squashes every input to 512x512 (no aspect kept) first;
+            # float arrays (the unconditional gray image) are left to the processor.
+            s = self.models.squash_images_to
+            images = [
+                _pil(i).convert("RGB").resize((s, s), Image.Resampling.BICUBIC)
+                if isinstance(i, Image.Image) or np.asarray(i).dtype == np.uint8
+                else i
+                for i in images
+            ]
+        pixels = jnp.asarray(preprocess(images, self.models.image_processor), self.dtype)
+        weights = None
+        if masks is not None:
+            cfg = self.models.vision_config
+            weights = jnp.asarray(
+                np.stack(
+                    [apps.mask_token_weights(m, cfg.image_size, cfg.patch_size) for m in masks]
+                )
             )
-        pixels = preprocess(list(images), self.models.image_processor)
-        return self._encode_image(self.vision_params, jnp.asarray(pixels, self.dtype))
+        return self._encode_image(self.params["vision"], pixels, weights)
 
     def unconditional_image_context(self, n: int, mode: str = "gray") -> jax.Array:
-        """`gray`: CLIP of diffusers' mid-gray image; `zeros`: the original app's zero context."""
         if mode not in IMAGE_UNCOND_MODES:
             raise ValueError(f"image_uncond must be one of {IMAGE_UNCOND_MODES}, got {mode!r}")
-        ctx = self.encode_images([unconditional_gray_image()])
-        if mode == "zeros":
-            ctx = jnp.zeros_like(ctx)
+        if mode == "black":
+            ctx = self.encode_images([np.zeros((512, 512, 3), np.uint8)])
+        else:
+            ctx = self.encode_images([unconditional_gray_image()])
+            ctx = jnp.zeros_like(ctx) if mode == "zeros" else ctx
         return jnp.repeat(ctx, n, axis=0)
+
+    def encode_text_latents(self, texts: Sequence[str]) -> jax.Array:
+        """Optimus latents (the encoder's mu) [B, latent] of sentences."""
+        self._need("the Optimus encoder", (self.params["optimus"] or {}).get("encoder"))
+        from vd_jax.models.optimus import BertEncoder
+        from vd_jax.optimus_tokenizers import encode_for_optimus
+
+        ids, mask = encode_for_optimus(
+            self.models.bert_tokenizer, list(texts), lowercase=self.models.optimus_lowercase
+        )
+        enc = BertEncoder(self.models.optimus_configs[0], dtype=self.dtype)
+        mu, _ = enc.apply({"params": self.params["optimus"]["encoder"]}, ids, mask, method="latent")
+        return mu
+
+    def decode_text_latents(
+        self,
+        latents: jax.Array,
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_length: int = 30,
+        method: str = "sample",
+        num_beams: int = 4,
+        remove_duplicates: bool = True,
+    ) -> list[str]:
+        """Sentences from Optimus latents (the original: ancestral sampling, T=1, 30 tokens)."""
+        self._need("the Optimus decoder", (self.params["optimus"] or {}).get("decoder"))
+        from vd_jax import text_decoding as td
+        from vd_jax.models.optimus import GPT2Decoder
+        from vd_jax.optimus_tokenizers import BOS_ID, EOS_ID
+
+        dec = GPT2Decoder(self.models.optimus_configs[1], dtype=self.dtype)
+        p = self.params["optimus"]["decoder"]
+        z = jnp.asarray(latents, jnp.float32)
+        kw = dict(bos_id=BOS_ID, eos_id=EOS_ID, max_length=max_length)
+        if method == "sample":
+            rng = jax.random.fold_in(jax.random.key(seed), 2)
+            out = td.sample(dec, p, z, rng, temperature=temperature, top_k=top_k, top_p=top_p, **kw)
+        elif method == "greedy":
+            out = td.greedy(dec, p, z, **kw)
+        elif method == "beam":
+            out = td.beam_search(dec, p, z, num_beams=num_beams, **kw)
+        else:
+            raise ValueError(f"text decoding method {method!r}: sample | greedy | beam")
+        return td.decode_texts(self.models.gpt2_tokenizer, out, remove_duplicates=remove_duplicates)
 
     # ------------------------------------------------------------------ sampling
 
-    def latent_shape(self, n: int, height: int | None, width: int | None) -> tuple[int, ...]:
+    def latent_shape(self, xtype: str, n: int, height: int | None, width: int | None) -> tuple:
+        if xtype == "text":
+            return (n, self.models.diffuser_config.text_dim)
         f = self.models.vae_config.downsampling_factor
         default = (self.models.image_sample_size or 64) * f
         height, width = height or default, width or default
@@ -121,38 +208,40 @@ class VDPipeline:
                 raise ValueError(f"{name}={v} must be a positive multiple of {mult} for this model")
         return (n, height // f, width // f, self.models.diffuser_config.image_in_channels)
 
-    def _sampler(self, ctypes: tuple[str, ...], guided: bool, eta: float, show_progress: bool):
+    def _sampler(self, xtype, ctypes, guided, eta, first_step, show_progress):
         diffuser, vae, schedule = self.diffuser, self.vae, self.models.schedule
 
-        def run(diffuser_params, vae_params, cond, uncond, ratios, x_init, tables, scale, rng):
+        def run(params, cond, uncond, ratios, x_init, tables, scale, rng):
             def model_fn(x, t):
-                if not guided:
-                    return diffuser.apply(
-                        {"params": diffuser_params},
-                        x,
-                        t,
-                        cond,
-                        xtype="image",
-                        ctypes=ctypes,
-                        ratios=ratios,
-                    )
-                both = [jnp.concatenate([u, c]) for u, c in zip(uncond, cond, strict=True)]
-                out = diffuser.apply(
-                    {"params": diffuser_params},
-                    jnp.concatenate([x, x]),
-                    jnp.concatenate([t, t]),
-                    both,
-                    xtype="image",
+                call = lambda x, t, ctx: diffuser.apply(
+                    {"params": params["diffuser"]},
+                    x,
+                    t,
+                    ctx,
+                    xtype=xtype,
                     ctypes=ctypes,
                     ratios=ratios,
                 )
-                eps_u, eps_c = jnp.split(out, 2)
+                if not guided:
+                    return call(x, t, cond)
+                both = [jnp.concatenate([u, c]) for u, c in zip(uncond, cond, strict=True)]
+                eps_u, eps_c = jnp.split(
+                    call(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2
+                )
                 return ddim.classifier_free_guidance(eps_u, eps_c, scale)
 
             latents = ddim.sample_loop(
-                model_fn, x_init, tables, schedule, eta=eta, rng=rng, show_progress=show_progress
+                model_fn,
+                x_init,
+                tables,
+                schedule,
+                eta=eta,
+                rng=rng,
+                first_step=first_step,
+                show_progress=show_progress,
             )
-            return decode_latents(vae, vae_params, latents), latents
+            images = decode_latents(vae, params["vae"], latents) if xtype == "image" else None
+            return images, latents
 
         return jax.jit(run)
 
@@ -163,6 +252,7 @@ class VDPipeline:
         ctypes: Sequence[str],
         ratios: Sequence[float] | None = None,
         *,
+        xtype: str = "image",
         num_steps: int = 50,
         guidance_scale: float = 7.5,
         eta: float = 0.0,
@@ -170,37 +260,49 @@ class VDPipeline:
         init_noise: np.ndarray | None = None,
         height: int | None = None,
         width: int | None = None,
+        start_latents: jax.Array | None = None,
+        fidelity: float = 0.0,
         show_progress: bool = True,
     ) -> SampleResult:
-        """Samples images from prepared contexts (one batch row per output image).
+        """Samples latents (and decodes images) from prepared contexts, one row per output.
 
         Args:
-          contexts / uncond_contexts: per context type, [N, L, D] conditional and
-            unconditional contexts (unconditional ones are unused when guidance_scale <= 1).
-          ctypes: 'text' / 'image' per context.
+          contexts / uncond_contexts: per context, [N, L, D] conditional and unconditional
+            contexts (the unconditional ones are unused when guidance_scale <= 1).
+          ctypes: 'text' / 'image' per context (which context layers serve it).
           ratios: mixing weights per context (dual-guided); default equal.
-          init_noise: optional initial latents in PyTorch layout [N, C, h, w].
+          xtype: 'image' or 'text': which data layers run and what is produced.
+          init_noise: optional initial noise, PyTorch layout ([N, C, h, w] or [N, D]).
+          start_latents: with fidelity > 0, the input's latents to start from (SDEdit).
         """
         ctypes = tuple(ctypes)
         n = contexts[0].shape[0]
-        shape = self.latent_shape(n, height, width)
+        shape = self.latent_shape(xtype, n, height, width)
         if init_noise is not None:
-            init_noise = np.asarray(init_noise, np.float32)
-            want = (shape[0], shape[3], shape[1], shape[2])
-            if init_noise.shape != want:
-                raise ValueError(
-                    f"init_noise has shape {init_noise.shape}; expected {want} ([N, C, H/f, W/f])"
-                )
-            x_init = jnp.asarray(init_noise.transpose(0, 2, 3, 1), self.dtype)
+            noise = np.asarray(init_noise, np.float32)
+            torch_shape = (shape[0], shape[3], shape[1], shape[2]) if xtype == "image" else shape
+            if noise.shape != torch_shape:
+                raise ValueError(f"init_noise has shape {noise.shape}; expected {torch_shape}")
+            noise = noise.transpose(0, 2, 3, 1) if xtype == "image" else noise
+            x_init = jnp.asarray(noise, self.dtype)
         else:
             x_init = jax.random.normal(jax.random.key(seed), shape, self.dtype)
-        # DDIM's init_noise_sigma is 1: the noise is the starting latent as it is.
-        ratios = jnp.asarray(ratios if ratios is not None else [1.0] * len(ctypes), jnp.float32)
         tables = ddim.ddim_tables(self.models.schedule, num_steps)
+        first_step = 0
+        if fidelity > 0:
+            if start_latents is None:
+                raise ValueError("fidelity > 0 needs the input's latents (start_latents)")
+            x_init, first_step = apps.sdedit_start(
+                jnp.asarray(start_latents, self.dtype),
+                x_init,
+                tables,
+                self.models.schedule.alphas_cumprod(),
+                fidelity,
+            )
+        ratios = jnp.asarray(ratios if ratios is not None else [1.0] * len(ctypes), jnp.float32)
         guided = guidance_scale > 1.0
         args = (
-            self.diffuser_params,
-            self.vae_params,
+            self.params,
             [jnp.asarray(c, self.dtype) for c in contexts],
             [jnp.asarray(c, self.dtype) for c in uncond_contexts] if guided else [],
             ratios,
@@ -209,41 +311,82 @@ class VDPipeline:
             jnp.float32(guidance_scale),
             jax.random.fold_in(jax.random.key(seed), 1),
         )
-        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[2:]))
-        key = (ctypes, guided, float(eta), show_progress, shapes)
+        static = (xtype, ctypes, guided, float(eta), first_step, show_progress)
+        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]))
         compile_s = 0.0
-        if key not in self._compiled:
+        if (static, shapes) not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = (
-                self._sampler(ctypes, guided, float(eta), show_progress).lower(*args).compile()
-            )
+            self._compiled[static, shapes] = self._sampler(*static).lower(*args).compile()
             compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with ddim.progress(num_steps, disable=not show_progress):
-            images, latents = self._compiled[key](*args)
-            images = np.asarray(jax.block_until_ready(images), np.float32)
+        with ddim.progress(num_steps - first_step, disable=not show_progress):
+            images, latents = jax.block_until_ready(self._compiled[static, shapes](*args))
         return SampleResult(
-            images, np.asarray(latents, np.float32), compile_s, time.perf_counter() - t0
+            latents=np.asarray(latents, np.float32),
+            compile_s=compile_s,
+            sample_s=time.perf_counter() - t0,
+            images=None if images is None else np.asarray(images, np.float32),
         )
 
-    # ------------------------------------------------------------------ flows
+    # ------------------------------------------------------------------ image flows
 
     def text_to_image(
         self, prompts: str | Sequence[str], *, num_samples: int = 1, **kw
     ) -> SampleResult:
-        """Images from prompts: image data blocks + text-context blocks."""
-        prompts = _as_list(prompts)
-        cond = jnp.repeat(self.encode_prompts(prompts), num_samples, axis=0)
+        """Images from prompts: image data layers + text-context layers."""
+        cond = jnp.repeat(self.encode_prompts(_as_list(prompts)), num_samples, axis=0)
         uncond = self.encode_prompts([""] * len(cond))
         return self.generate([cond], [uncond], ("text",), **kw)
 
     def image_variation(
-        self, images: Any, *, num_samples: int = 1, image_uncond: str = "gray", **kw
+        self,
+        images: Any,
+        *,
+        num_samples: int = 1,
+        image_uncond: str = "gray",
+        focus: float = 0.5,
+        fidelity: float = 0.0,
+        color_adjust: bool = False,
+        **kw,
     ) -> SampleResult:
-        """Variations of images: image data blocks + image-context blocks."""
-        cond = jnp.repeat(self.encode_images(_as_list(images)), num_samples, axis=0)
+        """Variations of images (image data + image-context layers), with VD's controls:
+        focus (0 semantic, 0.5 neutral, 1 style), fidelity (0 free .. 1 the input) and
+        the app's "simple" colour adjustment."""
+        images = [_pil(i).convert("RGB") for i in _as_list(images)]
+        cond = apps.apply_focus(self.encode_images(images), focus)
+        cond = jnp.repeat(cond, num_samples, axis=0)
         uncond = self.unconditional_image_context(len(cond), image_uncond)
-        return self.generate([cond], [uncond], ("image",), **kw)
+        start = None
+        if fidelity > 0:
+            start = jnp.repeat(self._image_latents(images, kw), num_samples, axis=0)
+        result = self.generate(
+            [cond], [uncond], ("image",), fidelity=fidelity, start_latents=start, **kw
+        )
+        if color_adjust:
+            refs = np.repeat(
+                np.stack([np.asarray(i, np.float32) / 255.0 for i in images]), num_samples, 0
+            )
+            result.images = np.stack(
+                [
+                    apps.color_adjust_simple(img[None], ref)[0]
+                    for img, ref in zip(result.images, refs, strict=True)
+                ]
+            )
+        return result
+
+    def _image_latents(self, images: Sequence[Image.Image], kw: dict) -> jax.Array:
+        """Scaled VAE latents of images resized to the output size (for fidelity)."""
+        _, h, w, _ = self.latent_shape("image", 1, kw.get("height"), kw.get("width"))
+        f = self.models.vae_config.downsampling_factor
+        px = np.stack(
+            [
+                np.asarray(i.resize((w * f, h * f), Image.Resampling.BICUBIC), np.float32) / 255
+                for i in images
+            ]
+        )
+        # The original encodes with a posterior sample, not the mean.
+        rng = jax.random.fold_in(jax.random.key(kw.get("seed", 0)), 3)
+        return encode_images(self.vae, self.params["vae"], jnp.asarray(px, self.dtype), rng)
 
     def dual_guided(
         self,
@@ -253,6 +396,7 @@ class VDPipeline:
         text_strength: float = 0.5,
         num_samples: int = 1,
         image_uncond: str = "gray",
+        focus: float = 0.5,
         **kw,
     ) -> SampleResult:
         """Text and image together: the attention residuals mix with weights
@@ -268,7 +412,7 @@ class VDPipeline:
         if not 0.0 <= text_strength <= 1.0:
             raise ValueError(f"text_strength must be in [0, 1], got {text_strength}")
         text = jnp.repeat(self.encode_prompts(prompts), num_samples, axis=0)
-        image = jnp.repeat(self.encode_images(images), num_samples, axis=0)
+        image = jnp.repeat(apps.apply_focus(self.encode_images(images), focus), num_samples, axis=0)
         uncond_text = self.encode_prompts([""] * len(text))
         uncond_image = self.unconditional_image_context(len(image), image_uncond)
         return self.generate(
@@ -278,6 +422,136 @@ class VDPipeline:
             (text_strength, 1.0 - text_strength),
             **kw,
         )
+
+    def multi_context(
+        self,
+        images: Sequence[Any],
+        *,
+        weights: Sequence[float] | None = None,
+        focus: Sequence[float] | None = None,
+        masks: Sequence[Any | None] | None = None,
+        prompt: str = "",
+        text_strength: float = 0.0,
+        num_samples: int = 1,
+        image_uncond: str = "zeros",
+        **kw,
+    ) -> SampleResult:
+        """VD's multi-context blender: each image's tokens (focus-adjusted, optionally
+        masked, times its weight) are concatenated into one image context; a prompt,
+        if given with text_strength > 0, mixes in with that ratio."""
+        n = len(images)
+        weights = list(weights) if weights is not None else [1.0] * n
+        focus = list(focus) if focus is not None else [0.5] * n
+        masks = list(masks) if masks is not None else [None] * n
+        if not n or not len(weights) == len(focus) == len(masks) == n:
+            raise ValueError("multi_context: give one weight, focus and mask (or None) per image")
+        parts = []
+        for img, w, lvl, m in zip(images, weights, focus, masks, strict=True):
+            ctx = self.encode_images([img], None if m is None else [m])
+            parts.append(apps.apply_focus(ctx, lvl) * w)
+        image = jnp.repeat(jnp.concatenate(parts, axis=1), num_samples, axis=0)
+        uncond_image = (
+            jnp.zeros_like(image)
+            if image_uncond == "zeros"
+            else jnp.tile(self.unconditional_image_context(len(image), image_uncond), (1, n, 1))
+        )
+        if prompt and text_strength > 0:
+            text = jnp.repeat(self.encode_prompts([prompt]), len(image), axis=0)
+            uncond_text = self.encode_prompts([""] * len(text))
+            return self.generate(
+                [text, image],
+                [uncond_text, uncond_image],
+                ("text", "image"),
+                (text_strength, 1.0 - text_strength),
+                **kw,
+            )
+        return self.generate([image], [uncond_image], ("image",), **kw)
+
+    # ------------------------------------------------------------------ text flows
+
+    def image_to_text(
+        self,
+        images: Any,
+        *,
+        num_samples: int = 1,
+        image_uncond: str = "black",
+        decode: dict | None = None,
+        **kw,
+    ) -> SampleResult:
+        """Captions from images: text data layers + image-context layers, then Optimus."""
+        cond = jnp.repeat(self.encode_images(_as_list(images)), num_samples, axis=0)
+        uncond = self.unconditional_image_context(len(cond), image_uncond)
+        result = self.generate([cond], [uncond], ("image",), xtype="text", **kw)
+        result.texts = self.decode_text_latents(
+            result.latents, seed=kw.get("seed", 0), **(decode or {})
+        )
+        return result
+
+    def text_variation(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_samples: int = 1,
+        decode: dict | None = None,
+        **kw,
+    ) -> SampleResult:
+        """Sentences like the prompt: text data layers + text-context layers, then Optimus."""
+        cond = jnp.repeat(self.encode_prompts(_as_list(prompts)), num_samples, axis=0)
+        uncond = self.encode_prompts([""] * len(cond))
+        result = self.generate([cond], [uncond], ("text",), xtype="text", **kw)
+        result.texts = self.decode_text_latents(
+            result.latents, seed=kw.get("seed", 0), **(decode or {})
+        )
+        return result
+
+    def i2t2i(
+        self,
+        image: Any,
+        *,
+        negative: str,
+        positive: str,
+        num_samples: int = 1,
+        image_ratio: float = 0.33,
+        decode: dict | None = None,
+        **kw,
+    ) -> SampleResult:
+        """VD's I2T2I editing (old inference.py): caption latent of the image, minus its
+        projection on the negative prompt's Optimus latent, plus the positive one,
+        decoded to new sentences, which guide a dual-context regeneration with the
+        image's low-rank local tokens."""
+        steps = {k: v for k, v in kw.items() if k != "init_noise"}
+        z = self.image_to_text(
+            image, num_samples=num_samples, image_uncond="gray", decode=decode, **steps
+        ).latents
+        zn, zp = self.encode_text_latents([negative, positive])
+        unit = zn / jnp.linalg.norm(zn)
+        z_edit = z - (z @ unit)[:, None] * unit[None] + zp[None]
+        sentences = self.decode_text_latents(z_edit, seed=kw.get("seed", 0), **(decode or {}))
+        text = jnp.concatenate(
+            [
+                self.encode_prompts(sentences),
+                jnp.repeat(self.encode_prompts([positive]), len(sentences), 0),
+            ],
+            1,
+        )
+        uncond_text = jnp.tile(self.encode_prompts([""] * len(sentences)), (1, 2, 1))
+        # Image context: local tokens only, reduced to rank 10 (the old "style" focus).
+        local = apps.adjust_rank(
+            self.encode_images([image])[:, 1:], 1.0, q=10, max_drop_rank=(1, 10)
+        )
+        image_ctx = jnp.repeat(local, len(sentences), axis=0)
+        uncond_image = jnp.repeat(
+            self.unconditional_image_context(1, "gray")[:, 1:], len(sentences), 0
+        )
+        result = self.generate(
+            [text, image_ctx],
+            [uncond_text, uncond_image],
+            ("text", "image"),
+            (1.0 - image_ratio, image_ratio),
+            **kw,
+        )
+        result.texts = sentences
+        return result
 
 
 def load_image(path: str) -> Image.Image:

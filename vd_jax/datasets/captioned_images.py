@@ -168,27 +168,26 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, tuple[str, byte
             yield key, parts
 
 
+def _tar_sample(shard: str, key: str, parts: dict[str, tuple[str, bytes]]) -> _Sample:
+    caption = _clean_caption(parts["txt"][1].decode("utf-8", "replace")) if "txt" in parts else None
+    json_caption, meta = _json_caption(parts["json"][1]) if "json" in parts else (None, {})
+    original = (meta.get("original_width"), meta.get("original_height"))
+    ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+    member, data = parts[ext] if ext else (None, b"")  # no image part: counted as corrupt
+    return _Sample(
+        key,
+        caption or json_caption,
+        data,
+        (shard, member),
+        original if all(isinstance(v, int) for v in original) else None,
+    )
+
+
 def _scan_webdataset(shards: Sequence[str], errors: list[str]) -> Iterator[_Sample]:
     for shard in shards:
         try:
             for key, parts in iter_tar_samples(shard):
-                caption = _clean_caption(parts["txt"][1].decode("utf-8", "replace")) if (
-                    "txt" in parts
-                ) else None
-                json_caption, meta = _json_caption(parts["json"][1]) if "json" in parts else (
-                    None,
-                    {},
-                )
-                original = (meta.get("original_width"), meta.get("original_height"))
-                ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
-                member, data = parts[ext] if ext else (None, b"")
-                yield _Sample(
-                    key,
-                    caption or json_caption,
-                    data,
-                    (shard, member),
-                    original if all(isinstance(v, int) for v in original) else None,
-                )
+                yield _tar_sample(shard, key, parts)
         except (tarfile.TarError, OSError, EOFError) as e:
             # A truncated or unreadable shard loses its remaining samples, not the whole build.
             errors.append(f"{shard}: {type(e).__name__}: {e}")
@@ -243,7 +242,9 @@ def _plan(config: CaptionedImagesConfig) -> tuple[dict, dict[str, list[dict]]]:
             else:
                 seen.add(sample.key)
                 digest = hashlib.md5(sample.key.encode("utf-8")).hexdigest()
-                split = "validation" if int(digest[:8], 16) < config.val_fraction * 2**32 else "train"
+                split = (
+                    "validation" if int(digest[:8], 16) < config.val_fraction * 2**32 else "train"
+                )
                 original = sample.original_size or size
                 plan[split].append(
                     {
@@ -280,6 +281,14 @@ class CaptionedImages(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = []
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS's lookup for builders inside a package touches the `importlib_resources`
+        # backport, which is not installed; it only needs the path to find checksums of
+        # downloads, and these builders download nothing.
+        return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         scalar = tfds.features.Scalar(dtype=np.int32)
