@@ -128,3 +128,10 @@ def test_sharded_safetensors_index(folder):
     assert set(state) == set(tensors)
     models = load_diffusers_folder(folder, flows=("image_variation",))
     assert "image" in models.diffuser_params["data"]
+
+
+def test_wrong_dtype(folder):
+    key = "conv_in.bias"
+    _rewrite(folder / UNET, lambda t: t.__setitem__(key, t[key].astype(np.int64)))
+    with pytest.raises(CheckpointError, match=r"wrong dtypes.*\n    image_unet.conv_in.bias: int64"):
+        load_diffusers_folder(folder)

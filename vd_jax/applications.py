@@ -60,7 +60,8 @@ def adjust_rank(x: jax.Array, level: float, q: int = 20, max_drop_rank=(1, 5)) -
     mean = xf.mean(-1, keepdims=True)
     centred = xf - mean
     u, s, vt = jnp.linalg.svd(centred, full_matrices=False)
-    u, s, vt = u[..., :q], s[..., :q], vt[..., :q, :]
+    q = min(q, s.shape[-1])  # small (test) models can have fewer tokens than q
+    u, s, vt, mult = u[..., :q], s[..., :q], vt[..., :q, :], mult[:q]
     low = jnp.einsum("blq,bq,bqd->bld", u, s, vt)
     rest = 0.0 if drop_rest else centred - low
     new = jnp.einsum("blq,bq,bqd->bld", u, s * jnp.asarray(mult, jnp.float32), vt) + mean + rest

@@ -34,16 +34,24 @@ from vd_jax.models.vae import VAEConfig
 log = logging.getLogger(__name__)
 
 # Which diffuser parts and encoders each flow needs.
+_ALL_PARTS = ("global", "data/image", "data/text", "context/image", "context/text")
+_IMAGE_DUAL = ("global", "data/image", "context/image", "context/text")
 FLOW_NEEDS: dict[str, dict[str, Any]] = {
     "text_to_image": dict(parts=("global", "data/image", "context/text"), text=True, image=False),
     "image_variation": dict(
         parts=("global", "data/image", "context/image"), text=False, image=True
     ),
-    "dual_guided": dict(
-        parts=("global", "data/image", "context/image", "context/text"), text=True, image=True
+    "dual_guided": dict(parts=_IMAGE_DUAL, text=True, image=True),
+    "multi_context": dict(parts=_IMAGE_DUAL, text=True, image=True),
+    "image_to_text": dict(
+        parts=("global", "data/text", "context/image"), text=False, image=True, optimus=("decoder",)
     ),
+    "text_variation": dict(
+        parts=("global", "data/text", "context/text"), text=True, image=False, optimus=("decoder",)
+    ),
+    "i2t2i": dict(parts=_ALL_PARTS, text=True, image=True, optimus=("encoder", "decoder")),
 }
-IMAGE_FLOWS = tuple(FLOW_NEEDS)
+IMAGE_FLOWS = ("text_to_image", "image_variation", "dual_guided")
 
 _WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",

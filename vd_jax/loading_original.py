@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from vd_jax.convert import core
 from vd_jax.convert import unet as unet_convert
 from vd_jax.convert.clip import (
-    clip_ignore,
+    CLIP_IGNORE,
     clip_text_rules,
     clip_vision_rules,
     load_clip_text,
@@ -180,7 +180,12 @@ def load_original_folder(
                 clip_text_rules(c["clip_text"], "clip.model."),
                 clip_vision_rules(c["clip_vision"], "clip.model."),
             ],
-            [_SCHEDULE_BUFFERS, *optimus_ignore("optimus."), *clip_ignore("text", "clip.model.")],
+            [
+                _SCHEDULE_BUFFERS,
+                *optimus_ignore("optimus."),
+                *CLIP_IGNORE,
+                r"clip\.model\.logit_scale",
+            ],
         )
 
     # Diffuser: the new file if present (it is the maintained one), else the old file.

@@ -273,6 +273,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+_FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
+
+
 def _listing(title: str, items: Sequence[str], limit: int = 25) -> str:
     shown = "\n    ".join(items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -318,6 +321,11 @@ def load_params(
     )
     unmapped = sorted(p for p in target if p not in by_dst)
     no_target = sorted(r.dst for r in rules if r.dst not in target)
+    bad_dtype = sorted(
+        f"{r.src}: {state.dtype(r.src)}"
+        for r in rules
+        if r.src in state and state.dtype(r.src) and state.dtype(r.src) not in _FLOAT_DTYPES
+    )
     bad_shape = []
     for r in rules:
         if r.src in state and r.dst in target:
@@ -333,6 +341,8 @@ def load_params(
         problems.append(_listing("unexpected keys", unexpected))
     if bad_shape:
         problems.append(_listing("wrong shapes", bad_shape))
+    if bad_dtype:
+        problems.append(_listing("wrong dtypes (weights must be floating point)", bad_dtype))
     # These three are bugs in the table or a config that does not match the file: say so.
     for title, items in (
         ("params written twice by the key table", dup),
