@@ -327,12 +327,32 @@ def beam_search(
 # ----------------------------------------------------------------------------- text
 
 
+_ATTACH = "<puncnext>"  # marks punctuation glued to its neighbour word
+
+
+def _split_punctuation(text: str) -> list[str]:
+    """Words with leading "([{" and trailing "?!.,:;}])" split off as tokens of their own,
+    joined to the word by an `_ATTACH` marker (as the app tokenises before de-duplicating)."""
+    tokens: list[str] = []
+    for word in text.split():
+        while word and word[0] in "([{":
+            tokens += [word[0], _ATTACH]
+            word = word[1:]
+        tail: list[str] = []
+        while word and word[-1] in "?!.,:;}])":
+            tail = [_ATTACH, word[-1], *tail]
+            word = word[:-1]
+        tokens += ([word] if word else []) + tail
+    return tokens
+
+
 def remove_duplicate_words(text: str, max_ngram: int | None = None) -> str:
     """Collapses immediately repeated runs of words, as the new app's `remove_duplicate_word`.
 
-    Optimus samples often stutter ("a man a man riding riding a horse"). Any run of
-    n whitespace-separated words directly followed by the same n words loses the
-    copy, for every n from 1 up (to `max_ngram`), until nothing changes:
+    Optimus samples often stutter ("a man a man riding riding a horse"). As in the
+    app, punctuation is split off the words first ("runs runs." has a repeat); then
+    any run of n tokens directly followed by the same n tokens loses the copy, for
+    every n from 1 up (to `max_ngram`), until nothing changes:
     "a man a man riding riding a horse" -> "a man riding a horse". The old code's
     merge of adjacent duplicate words is `max_ngram=1`.
 
@@ -343,7 +363,7 @@ def remove_duplicate_words(text: str, max_ngram: int | None = None) -> str:
     Returns:
       The text with single spaces between the kept words.
     """
-    words = text.split()
+    words = _split_punctuation(text)
     changed = True
     while changed:
         changed = False
@@ -356,7 +376,7 @@ def remove_duplicate_words(text: str, max_ngram: int | None = None) -> str:
                     changed = True
                 else:
                     i += 1
-    return " ".join(words)
+    return " ".join(words).replace(f" {_ATTACH} ", "")
 
 
 def decode_texts(
