@@ -91,5 +91,6 @@ def test_sdedit_start_and_color_adjust():
     rng = np.random.default_rng(0)
     ref = rng.uniform(0.2, 0.6, (8, 8, 3))
     out = app.color_adjust_simple(rng.uniform(0, 1, (2, 8, 8, 3)), ref)
-    np.testing.assert_allclose(out.reshape(2, -1, 3).mean(1), np.tile(ref.reshape(-1, 3).mean(0), (2, 1)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out.reshape(2, -1, 3).mean(1), np.tile(ref.reshape(-1, 3).mean(0), (2, 1)), atol=1e-5
+    )

@@ -6,14 +6,13 @@ covers config parsing, the key tables and the forward passes together.
 """
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-from helpers import assert_rel_close
+from helpers import FIXTURES, assert_rel_close
 
 from vd_jax.convert import core
 from vd_jax.convert.clip import (
@@ -34,10 +33,6 @@ from vd_jax.models.clip import (
     CLIPVisionConfig,
     CLIPVisionEncoder,
 )
-
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED = _SHARED if _SHARED.is_dir() else Path("/work/shared")
-FIXTURES = SHARED / "fixtures" / "original_vd"
 
 TOL = 1e-4
 

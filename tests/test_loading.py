@@ -133,5 +133,7 @@ def test_sharded_safetensors_index(folder):
 def test_wrong_dtype(folder):
     key = "conv_in.bias"
     _rewrite(folder / UNET, lambda t: t.__setitem__(key, t[key].astype(np.int64)))
-    with pytest.raises(CheckpointError, match=r"wrong dtypes.*\n    image_unet.conv_in.bias: int64"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong dtypes.*\n    image_unet.conv_in.bias: int64"
+    ):
         load_diffusers_folder(folder)

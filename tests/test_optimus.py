@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_rel_close
+from helpers import FIXTURES, assert_rel_close
 
 from vd_jax.convert import core
 from vd_jax.convert.core import CheckpointError, StateDict
@@ -50,10 +50,6 @@ from vd_jax.text_decoding import (
     remove_duplicate_words,
     sample,
 )
-
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED = _SHARED if _SHARED.is_dir() else Path("/work/shared")
-FIXTURES = SHARED / "fixtures" / "original_vd"
 
 TOL = 1e-4
 # Special ids of the tiny decoder (vocab 97): the last three ids, like Optimus' 50257..50259.

@@ -4,10 +4,10 @@ flow through sample.py; the full-size manifests are accounted for key by key."""
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FIXTURES
 from PIL import Image
 
 from configs import sample as sample_config
@@ -18,11 +18,6 @@ from vd_jax.loading import load_models
 from vd_jax.loading_original import _SCHEDULE_BUFFERS, _check_accounted
 
 torch = pytest.importorskip("torch")
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
-FIXTURES = SHARED / "fixtures" / "original_vd"
 
 
 def _manifest(name):

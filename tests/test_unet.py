@@ -2,13 +2,12 @@
 
 import copy
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_rel_close
+from helpers import FIXTURES, assert_rel_close
 
 from vd_jax.convert.core import (
     TRANSFORMS,
@@ -354,20 +353,13 @@ def test_full_size_param_counts():
 # --------------------------------------------------------------------------- original checkpoints
 
 
-def _fixtures():
-    for root in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
-        if (root / "fixtures/original_vd").is_dir():
-            return root / "fixtures/original_vd"
-    pytest.skip("shared/fixtures/original_vd not found")
-
-
 def _manifest(name, prefix=""):
-    keys = json.loads((_fixtures() / name).read_text())["keys"]
+    keys = json.loads((FIXTURES / name).read_text())["keys"]
     return {k: v for k, v in keys.items() if k.startswith(prefix)}
 
 
 def _tiny_config():
-    cfg = json.loads((_fixtures() / "tiny_config.json").read_text())
+    cfg = json.loads((FIXTURES / "tiny_config.json").read_text())
     return config_from_original(cfg["diffuser.image"], cfg["diffuser.text"])
 
 

@@ -6,12 +6,12 @@ import dataclasses
 import json
 import math
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FIXTURES
 
 from tests.helpers import assert_rel_close
 from vd_jax.convert import core
@@ -25,20 +25,13 @@ diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4
 
 
-def _fixtures() -> Path:
-    for root in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
-        if (root / "fixtures" / "original_vd").is_dir():
-            return root / "fixtures" / "original_vd"
-    pytest.skip("shared/fixtures/original_vd not found")
-
-
 def _manifest(name: str) -> dict[str, list[int]]:
-    keys = json.loads((_fixtures() / name).read_text())["keys"]
+    keys = json.loads((FIXTURES / name).read_text())["keys"]
     return {k: tuple(v["shape"]) for k, v in keys.items()}
 
 
 def _tiny_ldm_config() -> VAEConfig:
-    tiny = json.loads((_fixtures() / "tiny_config.json").read_text())["vae.image"]
+    tiny = json.loads((FIXTURES / "tiny_config.json").read_text())["vae.image"]
     return VAEConfig.from_ldm(tiny, tiny["embed_dim"])
 
 
