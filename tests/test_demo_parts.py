@@ -1,0 +1,128 @@
+"""The shapes demo's foundations: dataset, attribute readers, split, TFDS build, pre-training."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from vd_jax.demo import attributes, pretrain, shapes
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    return shapes.generate(256, seed=0, split="train")
+
+
+def test_image_reader_exact_on_generated_images():
+    for split in shapes.SPLITS:
+        data = shapes.generate(200, seed=7, split=split)
+        for i in range(200):
+            want = attributes.attributes_of(data["shape"][i], data["fg"][i], data["bg"][i])
+            assert attributes.read_image_attributes(data["image"][i]) == want, (split, i)
+            # Floats in [0, 1] (decoded images) read the same.
+            assert attributes.read_image_attributes(data["image"][i] / 255.0) == want
+
+
+def test_image_reader_exact_on_every_shape_at_the_extremes_of_jitter():
+    lo, hi = shapes._RADIUS
+    j = shapes._JITTER
+    for s, f, b in shapes.combinations():
+        for r, dx, dy in itertools.product((lo, hi), (-j, j), (-j, j)):
+            img = shapes.render(s, f, b, cx=16 + dx, cy=16 + dy, radius=r)
+            assert attributes.read_image_attributes(img) == attributes.attributes_of(s, f, b)
+
+
+def test_text_reader_exact_on_every_template_and_combination():
+    for (s, f, b), t in itertools.product(shapes.combinations(), range(len(shapes.TEMPLATES))):
+        text = shapes.caption(s, f, b, template=t)
+        assert attributes.read_text_attributes(text) == attributes.attributes_of(s, f, b), text
+        assert attributes.read_text_attributes(text.upper() + ".") == attributes.attributes_of(
+            s, f, b
+        )
+
+
+def test_text_reader_partial_captions():
+    assert attributes.read_text_attributes("a red circle") == {
+        "shape": "circle",
+        "fg": "red",
+        "bg": None,
+    }
+    assert attributes.read_text_attributes("nothing here") == {
+        "shape": None,
+        "fg": None,
+        "bg": None,
+    }
+
+
+def test_split_holds_out_whole_combinations():
+    train, held = set(shapes.combinations("train")), set(shapes.combinations("heldout"))
+    assert not train & held
+    assert len(train | held) == len(shapes.SHAPES) * len(shapes.COLORS) * (len(shapes.COLORS) - 1)
+    # Every pair of attribute values of a held-out combination occurs in training.
+    for i, j in itertools.combinations(range(3), 2):
+        seen = {(c[i], c[j]) for c in train}
+        assert all((c[i], c[j]) in seen for c in held)
+    for split, combos in (("train", train), ("heldout", held)):
+        data = shapes.generate(300, seed=1, split=split)
+        got = set(
+            zip(data["shape"].tolist(), data["fg"].tolist(), data["bg"].tolist(), strict=True)
+        )
+        assert got <= combos
+
+
+def test_generator_is_seeded():
+    a, b = shapes.generate(20, seed=3), shapes.generate(20, seed=3)
+    c = shapes.generate(20, seed=4)
+    assert np.array_equal(a["image"], b["image"]) and list(a["caption"]) == list(b["caption"])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_tfds_build_reads_back_identical_bytes(tmp_path):
+    report = shapes.build_shapes_dataset(str(tmp_path), seed=2, num_train=24, num_eval=8)
+    assert report["num_examples"] == {"train": 24, "heldout": 8}
+    for split, n in (("train", 24), ("heldout", 8)):
+        want = shapes.generate(n, seed=2, split=split)
+        got = shapes.load_split(report["dataset_dir"], split)
+        assert np.array_equal(got["image"], want["image"])
+        assert list(got["caption"]) == list(want["caption"])
+        for k in ("shape", "fg", "bg", "template"):
+            assert np.array_equal(got[k], want[k])
+    import tensorflow_datasets as tfds
+
+    row = tfds.builder_from_directory(report["dataset_dir"]).as_data_source("train")[0]
+    assert shapes.encode_png(shapes.decode_png(row["image"])) == row["image"]
+    again = shapes.build_shapes_dataset(str(tmp_path), seed=2, num_train=24, num_eval=8)
+    assert again["reused"]
+
+
+def _falls(metrics):
+    first, last = metrics["first_loss"], metrics["final_loss"]
+    assert np.isfinite(last) and last < first, metrics["history"]
+
+
+def test_vae_pretraining_lowers_loss(train_data):
+    cfg = pretrain.tiny_vae_config(block_out_channels=(8, 16), latent_channels=2)
+    r = pretrain.train_vae(train_data, cfg, steps=12, batch_size=4, lr=3e-3)
+    _falls(r.metrics)
+    assert r.config.scaling_factor == pytest.approx(1.0 / r.metrics["latent_std"])
+    acc = pretrain.vae_attribute_accuracy(r.config, r.params, shapes.generate(4, seed=0))
+    assert set(acc) == {"shape", "fg", "bg", "all"}
+
+
+def test_optimus_pretraining_lowers_loss(train_data):
+    configs = pretrain.tiny_optimus_configs(latent_size=8, hidden=32, layers=1)
+    r = pretrain.train_optimus(train_data, configs, steps=12, batch_size=8, lr=3e-3)
+    _falls(r.metrics)
+    assert set(r.params) == {"encoder", "decoder"}
+    acc = pretrain.optimus_attribute_accuracy(r.config, r.params, shapes.generate(4, seed=0))
+    assert 0.0 <= acc["all"] <= 1.0
+
+
+def test_clip_pretraining_lowers_loss(train_data):
+    configs = pretrain.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
+    r = pretrain.train_clip(train_data, configs, steps=12, batch_size=16, lr=3e-3)
+    _falls(r.metrics)
+    acc = pretrain.clip_retrieval_accuracy(r.config, r.params, shapes.generate(8, seed=0))
+    assert 0.0 <= acc["all"] <= acc["among_split"] <= 1.0

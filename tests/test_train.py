@@ -1,0 +1,235 @@
+"""Training core on CPU with the tiny config: loss goes down, mesh parity, FSDP memory,
+checkpoint resume after kill -9 (also during an async save), metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from vd_jax import sharding as shd
+from vd_jax import train_lib
+from vd_jax import train_step as ts
+from vd_jax.metrics_writer import MetricsWriter, read_tfrecords
+
+REPO = Path(__file__).resolve().parents[1]
+# Two flows cover both data types and both context types at half the compile time of five.
+FLOWS = "text_to_image+image_to_text"
+
+
+@pytest.fixture(scope="session")
+def jit_cache(tmp_path_factory):
+    """One persistent XLA cache for this session's runs, in-process and in subprocesses."""
+    d = str(tmp_path_factory.getbasetemp() / "jit_cache")  # shared with the multi-host test
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return d
+
+
+def _config(steps: int, mesh: str = "-1,1", **kw):
+    c = tiny.get_config(f"flows={FLOWS}")
+    c.num_steps, c.mesh_shape = steps, mesh
+    c.checkpoint_every, c.peak_flops, c.sample_every = 1000, 1.0, -1
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def _one_device():
+    return shd.make_mesh("1,1", jax.devices()[:1])
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in MetricsWriter.read_jsonl(f"{workdir}/metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def run_4x2(tmp_path_factory, jit_cache):
+    """6 steps on a 4x2 data x fsdp mesh: the reference of the parity and multi-host tests."""
+    wd = tmp_path_factory.mktemp("run_4x2")
+    out = train_lib.train_and_evaluate(_config(6, "4,2"), str(wd))
+    return dict(workdir=wd, params=jax.device_get(out["state"]["params"]), state=out["state"])
+
+
+def test_loss_decreases_and_metrics(tmp_path, jit_cache):
+    c = _config(40)
+    c.checkpoint_every = 20
+    out = train_lib.train_and_evaluate(c, str(tmp_path), mesh=_one_device())
+    rows = MetricsWriter.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("loss", "loss/text_to_image", "loss/image_to_text", "lr", "grad_norm",
+                "examples_per_sec", "mfu"):  # fmt: skip
+        assert key in rows[0], key
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    print(f"loss first5 {first:.4f} last5 {last:.4f}")
+    assert last < 0.88 * first
+    assert out["step"] == 40 and int(out["state"]["step"]) == 40
+    # TensorBoard events: readable records with our scalar tags; the loss curve PNG.
+    (events,) = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    recs = read_tfrecords(str(events))
+    assert len(recs) == 41 and b"loss/text_to_image" in recs[1]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
+
+
+def test_mesh_parity_and_fsdp_memory(tmp_path, run_4x2, jit_cache):
+    """One device and a 4x2 data x fsdp mesh give the same losses and params."""
+    one = train_lib.train_and_evaluate(_config(6), str(tmp_path), mesh=_one_device())
+    l1, l8 = _losses(tmp_path), _losses(run_4x2["workdir"])
+    loss_err = max(abs(l1[s] - l8[s]) / abs(l1[s]) for s in l1)
+    p1 = jax.device_get(one["state"]["params"])
+    errs = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: np.abs(a - b).max() / max(np.abs(a).max(), 1e-12), p1, run_4x2["params"]
+        )
+    )
+    print(f"parity: loss rel err {loss_err:.2e}, params max rel err {max(errs):.2e}")
+    assert loss_err <= 1e-5 and max(errs) <= 1e-5
+    frac = shd.per_device_fraction(run_4x2["state"]["params"])
+    print(f"fsdp=2: max per-device fraction of params {frac:.3f}")
+    assert 0.5 <= frac < 0.53
+
+
+def test_fsdp8_shardings_hold_an_eighth():
+    """Under a 1x8 mesh every device holds ~1/8 of params and Adam moments (no compile)."""
+    c = _config(1, "1,8")
+    tr_flows = ts.trained_flows(c)
+    from vd_jax.models import unet
+
+    abstract = unet.abstract_params(ts.diffuser_config(c), ts.param_parts(tr_flows))
+    mesh = shd.make_mesh(c.mesh_shape)
+    shards = shd.tree_shardings(abstract, mesh, c.param_rules, c.logical_axis_rules, 256)
+    total = sum(x.size for x in jax.tree.leaves(abstract))
+    per_dev = sum(
+        int(np.prod(s.shard_shape(x.shape)))
+        for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shards), strict=True)
+    )
+    print(f"fsdp=8: per-device fraction {per_dev / total:.4f}")
+    assert per_dev / total < 0.13
+
+
+def test_config_and_pieces():
+    c = _config(10)
+    assert shd.parse_mesh_shape("4,2") == (4, 2) and shd.parse_mesh_shape("-1") == (-1, 1)
+    assert shd.fsdp_spec((3, 8, 5), 2) == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert shd.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
+    # 'sample' mode draws flows by weight, reproducibly per step.
+    c.flow_mode = "sample"
+    draws = [ts.sample_flow(c, s) for s in range(40)]
+    assert set(draws) == {"text_to_image", "image_to_text"}
+    assert draws == [ts.sample_flow(c, s) for s in range(40)]
+    # Group labels, LR scales and freezing.
+    c.freeze = "global,data"
+    params = {"global": {"w": np.zeros((2, 2))}, "data": {"image": {"w": np.zeros(2)}},
+              "context": {"text": {"w": np.zeros((2, 2))}}}  # fmt: skip
+    assert ts.labels(params, c) == {"global": {"w": "frozen"}, "data": {"image": {"w": "frozen"}},
+                                    "context": {"text": {"w": "context"}}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_context_only_raw_sampled_accumulated(tmp_path, jit_cache):
+    """On-the-fly encoding (tiny VAE/CLIP, fake text VAE), sampled flows, grad accumulation,
+    remat and a frozen global+data group: only context params move."""
+    c = tiny.get_config("kind=raw,mode=sample,flows=text_to_image")
+    c.num_steps, c.checkpoint_every, c.peak_flops, c.sample_every = 2, 1000, 1.0, -1
+    c.freeze = "global,data"
+    c.optim.grad_accum_steps = 2
+    c.remat.resnet, c.remat.transformer = "full", "dots_saveable"
+    c.ema_decay = 0.0
+    out = train_lib.train_and_evaluate(c, str(tmp_path), mesh=_one_device())
+    final = jax.device_get(out["state"]["params"])
+    init = jax.device_get(out["trainer"].init_state()["params"])
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), init, final)
+    assert not any(jax.tree.leaves(moved["global"])) and not any(jax.tree.leaves(moved["data"]))
+    assert all(jax.tree.leaves(moved["context"]))
+    assert np.isfinite(_losses(tmp_path)[2])
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+
+def _train_cmd(workdir, steps: int, every: int) -> list[str]:
+    return [
+        sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/tiny.py:flows={FLOWS}",
+        f"--workdir={workdir}", f"--config.num_steps={steps}",
+        f"--config.checkpoint_every={every}", "--config.peak_flops=1.0",
+        "--config.sample_every=-1",
+    ]  # fmt: skip
+
+
+def _env(jit_cache):
+    # One CPU device: the same programs as the in-process one-device runs (cache hits).
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_COMPILATION_CACHE_DIR": jit_cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(REPO)}  # fmt: skip
+
+
+def _run_until(cmd, env, stop, timeout=240) -> int:
+    """Runs cmd; kill -9 as soon as stop() is true. Returns the exit code."""
+    p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    t0 = time.time()
+    while p.poll() is None:
+        if stop is not None and stop():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return -9
+        if time.time() - t0 > timeout:
+            p.kill()
+            raise TimeoutError(cmd)
+        time.sleep(0.01)
+    return p.returncode
+
+
+def _logged(workdir) -> int:
+    f = Path(workdir) / "metrics.jsonl"
+    return max(_losses(workdir), default=0) if f.exists() else 0
+
+
+def _saving(workdir) -> bool:
+    d = Path(workdir) / "checkpoints"
+    return d.exists() and any("tmp" in p.name for p in d.iterdir())
+
+
+@pytest.mark.slow
+def test_kill9_resume_matches_uninterrupted(tmp_path, jit_cache):
+    env, steps, every = _env(jit_cache), 10, 4
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _run_until(_train_cmd(ref, steps, every), env, None) == 0
+    # 1) killed while the step-4 checkpoint is being written asynchronously.
+    assert _run_until(_train_cmd(run, steps, every), env, lambda: _saving(run)) == -9
+    # 2) restarted, killed mid-training after step 7 once checkpoint 4 is complete.
+    mid = lambda: _logged(run) >= 7 and (run / "checkpoints" / "4").is_dir() and not _saving(run)
+    assert _run_until(_train_cmd(run, steps, every), env, mid) == -9
+    # 3) restarted with the same command: runs to the end.
+    assert _run_until(_train_cmd(run, steps, every), env, None) == 0
+    a, b = _losses(ref), _losses(run)
+    assert sorted(b) == list(range(1, steps + 1))
+    err = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
+    print(f"resume: max rel loss diff vs uninterrupted {err:.2e}")
+    assert err <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tmp_path, jit_cache):
+    cmd = _train_cmd(tmp_path, 1000, 1000)
+    p = subprocess.Popen(cmd, env=_env(jit_cache), cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    t0 = time.time()
+    while _logged(tmp_path) < 3 and time.time() - t0 < 240:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] >= 3
+    rows = MetricsWriter.read_jsonl(tmp_path / "metrics.jsonl")
+    assert json.dumps(rows[0])  # readable

@@ -1,0 +1,576 @@
+"""Pre-training of the demo's tiny encoders on the shapes data, before VD itself trains.
+
+Three models, each the same module as the full-size one with a small config:
+
+- `train_vae`: the image `AutoencoderKL` (posterior mean, or a sample, -> decode; MSE + L1 +
+  a small KL), after which the latent `scaling_factor` is set to 1 / std of the training
+  latents so that the diffuser sees about unit-variance latents, as SD's 0.18215 does.
+- `train_optimus`: the text VAE (BERT encoder -> (mu, logvar) -> GPT-2 decoder with the latent
+  as memory and embedding offset); teacher-forced cross-entropy + beta * KL on a posterior
+  sample. Real tokenizers and vocabularies, so VD's decoding code runs unchanged.
+- `train_clip`: both CLIP towers, contrastively (symmetric InfoNCE on the projected pooled
+  embeddings, learnable temperature). Batches repeat attribute combinations, so every pair with
+  the same (shape, fg, bg) counts as a positive rather than as a false negative.
+
+Each returns `Trained(params, config, metrics)`; metrics hold the loss history, wall time and
+the reconstruction attribute accuracy (encode -> decode -> read attributes, compared with the
+truth) or, for CLIP, retrieval accuracy. Evaluation helpers are public for the demo's use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vd_jax import optimus_tokenizers as otok
+from vd_jax.demo import shapes
+from vd_jax.demo.attributes import (
+    attribute_accuracy,
+    attributes_of,
+    read_image_attributes,
+    read_text_attributes,
+)
+from vd_jax.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
+from vd_jax.models.optimus import BertConfig, BertEncoder, GPT2Config, GPT2Decoder
+from vd_jax.models.vae import AutoencoderKL, VAEConfig, decode_latents, encode_images
+from vd_jax.text_decoding import decode_texts, greedy
+
+# Token budget of a caption: the longest template needs 11 tokens in every tokenizer.
+TEXT_LENGTH = 16
+
+
+class Trained(NamedTuple):
+    """A pre-trained model: params, its (possibly updated) config and metrics."""
+
+    params: Any
+    config: Any
+    metrics: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def tiny_vae_config(
+    image_size: int = shapes.IMAGE_SIZE,
+    *,
+    latent_channels: int = 4,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+) -> VAEConfig:
+    """A small kl-f(2^(levels-1)) VAE; the default maps 32 px to an 8x8x4 latent."""
+    return VAEConfig(
+        latent_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=1.0,  # set from the latents' std after training
+    )
+
+
+def tiny_optimus_configs(
+    latent_size: int = 16, hidden: int = 64, layers: int = 2
+) -> tuple[BertConfig, GPT2Config]:
+    """Small BERT encoder and GPT-2 decoder with the real vocabularies."""
+    bert = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        latent_size=latent_size,
+    )
+    gpt2 = GPT2Config(
+        n_positions=32, n_embd=hidden, n_layer=layers, n_head=4, latent_size=latent_size
+    )
+    return bert, gpt2
+
+
+def tiny_clip_configs(
+    image_size: int = shapes.IMAGE_SIZE,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    projection_dim: int = 64,
+    patch_size: int = 4,
+    text_length: int = TEXT_LENGTH,
+) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """Small CLIP text and vision towers (the vision one over `patch_size` patches)."""
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        projection_dim=projection_dim,
+    )
+    text = CLIPTextConfig(max_position_embeddings=text_length, **common)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, **common)
+    return text, vision
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def _fit(
+    loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
+    params: Any,
+    data: dict[str, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int = 25,
+) -> tuple[Any, dict[str, Any]]:
+    """AdamW with warmup + cosine decay over random batches of `data` (numpy, first axis)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, min(50, max(steps // 10, 1)), max(steps, 2), end_value=lr * 0.1
+    )
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, key):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux
+
+    n = len(next(iter(data.values())))
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    history, first_loss = [], None
+    start = time.perf_counter()
+    for i in range(steps):
+        idx = rng.integers(0, n, batch_size)
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, aux = step(
+            params, opt_state, {k: v[idx] for k, v in data.items()}, sub
+        )
+        if i == 0:
+            first_loss = float(loss)
+            compiled = time.perf_counter()
+        if (i + 1) % log_every == 0 or i == steps - 1:
+            history.append(
+                {"step": i + 1, "loss": float(loss), **{k: float(v) for k, v in aux.items()}}
+            )
+    jax.block_until_ready(params)
+    end = time.perf_counter()
+    return params, {
+        "steps": steps,
+        "batch_size": batch_size,
+        "first_loss": first_loss,
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "train_seconds": end - start,
+        "seconds_per_step": (end - compiled) / max(steps - 1, 1) if steps > 1 else None,
+    }
+
+
+def _truth(data: dict[str, np.ndarray]) -> list[dict[str, str]]:
+    return [
+        attributes_of(s, f, b)
+        for s, f, b in zip(data["shape"], data["fg"], data["bg"], strict=True)
+    ]
+
+
+def _batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 256) -> list:
+    return [fn(x[i : i + batch]) for i in range(0, len(x), batch)]
+
+
+# ----------------------------------------------------------------------------- image VAE
+
+
+def vae_reconstruct(config: VAEConfig, params: Any, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> posterior mean -> decoded float images in [0, 1] (numpy)."""
+    model = AutoencoderKL(config)
+    fn = jax.jit(
+        lambda p, x: decode_latents(model, p, encode_images(model, p, x.astype(jnp.float32) / 255))
+    )
+    return np.concatenate(_batched(lambda x: np.asarray(fn(params, x)), images))
+
+
+def vae_attribute_accuracy(
+    config: VAEConfig, params: Any, data: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Attributes read from reconstructed images vs the truth (`data` as from `shapes.generate`)."""
+    recon = vae_reconstruct(config, params, data["image"])
+    return attribute_accuracy([read_image_attributes(x) for x in recon], _truth(data))
+
+
+def train_vae(
+    train: dict[str, np.ndarray],
+    config: VAEConfig | None = None,
+    *,
+    eval_data: dict[str, np.ndarray] | None = None,
+    steps: int = 800,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-4,
+    sample_posterior: bool = False,
+    seed: int = 0,
+) -> Trained:
+    """Trains the image VAE on `train["image"]` (uint8 [N, S, S, 3]).
+
+    Args:
+      train: training split (as from `shapes.generate` or `shapes.load_split`).
+      config: the VAE config (default `tiny_vae_config` of the image size).
+      eval_data: a split whose reconstruction attribute accuracy is reported (e.g. heldout).
+      steps, batch_size, lr, seed: optimisation settings.
+      kl_weight: weight of the KL to N(0, 1) per latent element (the reconstruction loss is
+        a per-pixel mean); small, so the latent stays informative and about unit scale.
+      sample_posterior: decode a posterior sample (the KL VAE's recipe); False decodes the
+        mean (a plain autoencoder, which learns faster).
+
+    Returns:
+      `Trained(params, config with scaling_factor = 1 / latent std, metrics)`.
+    """
+    images = np.asarray(train["image"])
+    config = config or tiny_vae_config(images.shape[1])
+    model = AutoencoderKL(config)
+    x0 = jnp.zeros((1, *images.shape[1:]), jnp.float32)
+    params = model.init(jax.random.key(seed), x0)["params"]
+
+    def loss_fn(params, batch, key):
+        x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+        mean, logvar = model.apply({"params": params}, x, method=AutoencoderKL.encode)
+        z = mean
+        if sample_posterior:
+            z = z + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        y = model.apply({"params": params}, z, method=AutoencoderKL.decode)
+        mse, l1 = jnp.mean((y - x) ** 2), jnp.mean(jnp.abs(y - x))
+        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
+        return mse + l1 + kl_weight * kl, {"mse": mse, "kl": kl}
+
+    params, metrics = _fit(
+        loss_fn, params, {"image": images}, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+    )
+    # Latent scale: SD's recipe, 1 / std of the (unscaled) posterior means of training images.
+    sample = images[: min(len(images), 512)]
+    z = np.concatenate(
+        _batched(lambda x: np.asarray(encode_images(model, params, x / 255.0)), sample)
+    )
+    std = float(z.std())
+    config = dataclasses.replace(config, scaling_factor=1.0 / std)
+    metrics["latent_std"] = std
+    metrics["latent_shape"] = list(z.shape[1:])
+    if eval_data is not None:
+        t = time.perf_counter()
+        metrics["recon_attribute_accuracy"] = vae_attribute_accuracy(config, params, eval_data)
+        metrics["eval_seconds"] = time.perf_counter() - t
+    return Trained(params, config, metrics)
+
+
+# ----------------------------------------------------------------------------- Optimus
+
+
+@functools.cache
+def _tokenizers():
+    return otok.load_bert_tokenizer(), otok.load_gpt2_tokenizer()
+
+
+def optimus_inputs(captions: Sequence[str], length: int = TEXT_LENGTH) -> dict[str, np.ndarray]:
+    """Encoder ids/mask and decoder `<BOS> text <EOS> <PAD>...` ids of captions."""
+    bert_tok, gpt_tok = _tokenizers()
+    enc_ids, enc_mask = otok.encode_for_optimus(bert_tok, list(captions), pad_to=length)
+    dec = np.full((len(captions), length), otok.PAD_ID, np.int32)
+    for i, text in enumerate(captions):
+        ids = [otok.BOS_ID, *gpt_tok.encode(text), otok.EOS_ID]
+        if len(ids) > length:
+            raise ValueError(f"{text!r} needs {len(ids)} decoder tokens, more than {length}")
+        dec[i, : len(ids)] = ids
+    return {"enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": dec}
+
+
+def optimus_encode(bert: BertConfig, params: Any, captions: Sequence[str]) -> np.ndarray:
+    """[N, latent] posterior means (VD's text latents) of captions."""
+    inputs = optimus_inputs(captions)
+    fn = jax.jit(
+        lambda p, i, m: BertEncoder(bert).apply({"params": p}, i, m, method=BertEncoder.latent)[0]
+    )
+    n = len(captions)
+    return np.concatenate(
+        [np.asarray(fn(params, inputs["enc_ids"][s : s + 256], inputs["enc_mask"][s : s + 256]))
+         for s in range(0, n, 256)]
+    )  # fmt: skip
+
+
+def optimus_decode(gpt2: GPT2Config, params: Any, z: np.ndarray, max_length: int = TEXT_LENGTH):
+    """Greedy captions of latents [N, latent]."""
+    _, gpt_tok = _tokenizers()
+    out = []
+    for s in range(0, len(z), 256):
+        dec = greedy(
+            GPT2Decoder(gpt2),
+            params,
+            jnp.asarray(z[s : s + 256]),
+            bos_id=otok.BOS_ID,
+            eos_id=otok.EOS_ID,
+            pad_id=otok.PAD_ID,
+            max_length=max_length,
+        )
+        out += decode_texts(gpt_tok, dec, remove_duplicates=False)
+    return out
+
+
+def optimus_attribute_accuracy(
+    configs: tuple[BertConfig, GPT2Config], params: dict, data: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Attributes read from greedy reconstructions of `data["caption"]` vs the truth."""
+    bert, gpt2 = configs
+    texts = optimus_decode(
+        gpt2, params["decoder"], optimus_encode(bert, params["encoder"], data["caption"])
+    )
+    acc = attribute_accuracy([read_text_attributes(t) for t in texts], _truth(data))
+    acc["exact_text"] = float(
+        np.mean([t == c for t, c in zip(texts, data["caption"], strict=True)])
+    )
+    return acc
+
+
+def train_optimus(
+    train: dict[str, np.ndarray],
+    configs: tuple[BertConfig, GPT2Config] | None = None,
+    *,
+    eval_data: dict[str, np.ndarray] | None = None,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    beta: float = 1e-3,
+    seed: int = 0,
+) -> Trained:
+    """Trains the Optimus text VAE on `train["caption"]`.
+
+    Args:
+      train: training split (only `caption` is used).
+      configs: (BertConfig, GPT2Config) (default `tiny_optimus_configs()`).
+      eval_data: a split whose reconstruction attribute accuracy is reported.
+      steps, batch_size, lr, seed: optimisation settings.
+      beta: KL weight (per sentence; CE is a per-token mean). Small: the latent must carry the
+        whole caption, the KL only keeps its scale near N(0, 1) for the diffuser.
+
+    Returns:
+      `Trained({"encoder": ..., "decoder": ...}, configs, metrics)`; metrics include the latent
+      std of training captions.
+    """
+    bert, gpt2 = configs or tiny_optimus_configs()
+    captions = [str(c) for c in train["caption"]]
+    inputs = optimus_inputs(captions)
+    encoder, decoder = BertEncoder(bert), GPT2Decoder(gpt2)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    ids = jnp.asarray(inputs["dec_ids"][:1])
+    params = {
+        "encoder": encoder.init(k1, inputs["enc_ids"][:1], method=BertEncoder.latent)["params"],
+        "decoder": decoder.init(k2, ids, jnp.zeros((1, bert.latent_size)))["params"],
+    }
+
+    # The captions use a few dozen GPT-2 tokens: the softmax runs over those only (training
+    # cost no longer scales with the 50260-token vocabulary). Greedy decoding still ranks the
+    # whole vocabulary; the evaluation below measures exactly that.
+    used = np.unique(inputs["dec_ids"][:, 1:])
+    to_used = np.zeros(gpt2.vocab_size, np.int32)
+    to_used[used] = np.arange(len(used))
+    is_ln_f = lambda mdl, _: mdl.name == "ln_f"  # noqa: E731
+
+    def loss_fn(params, batch, key):
+        mu, logvar = encoder.apply(
+            {"params": params["encoder"]}, batch["enc_ids"], batch["enc_mask"],
+            method=BertEncoder.latent,
+        )  # fmt: skip
+        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
+        ids = batch["dec_ids"]
+        # The full-vocabulary logits are unused, so jit drops them; only ln_f's output is kept.
+        _, state = decoder.apply(
+            {"params": params["decoder"]}, ids[:, :-1], z,
+            capture_intermediates=is_ln_f, mutable=["intermediates"],
+        )  # fmt: skip
+        h = state["intermediates"]["ln_f"]["__call__"][0]
+        logits = h @ params["decoder"]["wte"]["embedding"][used].T
+        target = ids[:, 1:]
+        mask = (target != otok.PAD_ID).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(to_used)[target])
+        ce = jnp.sum(ce * mask) / jnp.sum(mask)
+        kl = 0.5 * jnp.mean(jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+        return ce + beta * kl, {"ce": ce, "kl": kl}
+
+    params, metrics = _fit(
+        loss_fn, params, inputs, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+    )
+    metrics["latent_std"] = float(optimus_encode(bert, params["encoder"], captions[:512]).std())
+    if eval_data is not None:
+        t = time.perf_counter()
+        metrics["recon_attribute_accuracy"] = optimus_attribute_accuracy(
+            (bert, gpt2), params, eval_data
+        )
+        metrics["eval_seconds"] = time.perf_counter() - t
+    return Trained(params, (bert, gpt2), metrics)
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+@functools.cache
+def clip_tokenizer():
+    """CLIP ViT-L/14's tokenizer, written once into a temporary folder."""
+    from vd_jax.tokenizers import load_clip_tokenizer, write_clip_tokenizer_files
+
+    directory = os.path.join(tempfile.gettempdir(), f"vd_jax_clip_tokenizer_{os.getuid()}")
+    if not os.path.isfile(os.path.join(directory, "vocab.json")):
+        write_clip_tokenizer_files(directory)
+    return load_clip_tokenizer(directory)
+
+
+def clip_token_ids(captions: Sequence[str], length: int = TEXT_LENGTH) -> np.ndarray:
+    """int32 [N, length] CLIP ids, padded with the end token as VD pads its prompts."""
+    out = clip_tokenizer()(
+        [str(c) for c in captions], padding="max_length", max_length=length, truncation=True
+    )
+    return np.asarray(out["input_ids"], np.int32)
+
+
+def clip_pixels(images: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 [N, S, S, 3] -> CLIP-normalised float pixels (the demo images are already at size)."""
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    return (x - jnp.asarray(OPENAI_CLIP_MEAN)) / jnp.asarray(OPENAI_CLIP_STD)
+
+
+def clip_embeddings(
+    configs: tuple[CLIPTextConfig, CLIPVisionConfig],
+    params: dict,
+    *,
+    images: np.ndarray | None = None,
+    captions: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Unit-norm projected embeddings of images or captions (one of the two)."""
+    text_cfg, vision_cfg = configs
+    if images is not None:
+        fn = jax.jit(
+            lambda p, x: CLIPVisionEncoder(vision_cfg).apply({"params": p}, clip_pixels(x))[
+                "image_embeds"
+            ]
+        )
+        out = np.concatenate(_batched(lambda x: np.asarray(fn(params["vision"], x)), images))
+    else:
+        fn = jax.jit(lambda p, i: CLIPTextEncoder(text_cfg).apply({"params": p}, i)["text_embeds"])
+        ids = clip_token_ids(captions, text_cfg.max_position_embeddings)
+        out = np.concatenate(_batched(lambda i: np.asarray(fn(params["text"], i)), ids))
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def clip_retrieval_accuracy(
+    configs: tuple[CLIPTextConfig, CLIPVisionConfig], params: dict, data: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Image -> caption retrieval: each image picks the best of the 120 attribute combinations.
+
+    A combination's text embedding is the mean over all caption templates. `all` counts images
+    whose pick is exactly right among all 120 combinations, `among_split` among the combinations
+    of the split the data comes from (for held-out data: the 24 never seen in training);
+    `shape` / `fg` / `bg` are per-attribute accuracies of the pick among all 120.
+    """
+    combos = shapes.combinations()
+    caps = [shapes.caption(*c, template=t) for c in combos for t in range(len(shapes.TEMPLATES))]
+    text = (
+        clip_embeddings(configs, params, captions=caps)
+        .reshape(len(combos), len(shapes.TEMPLATES), -1)
+        .mean(1)
+    )
+    img = clip_embeddings(configs, params, images=np.asarray(data["image"]))
+    sims = img @ text.T
+    truth = np.stack([data["shape"], data["fg"], data["bg"]], axis=1)
+    combo_arr = np.asarray(combos)
+    pick = combo_arr[sims.argmax(1)]
+    in_split = {tuple(int(v) for v in t) for t in truth}
+    split_cols = np.array([c in in_split for c in combos])
+    pick_split = combo_arr[np.where(split_cols[None], sims, -np.inf).argmax(1)]
+    return {
+        "all": float(np.mean((pick == truth).all(1))),
+        "among_split": float(np.mean((pick_split == truth).all(1))),
+        **{
+            k: float(np.mean(pick[:, i] == truth[:, i]))
+            for i, k in enumerate(("shape", "fg", "bg"))
+        },
+    }
+
+
+def init_clip(configs: tuple[CLIPTextConfig, CLIPVisionConfig], seed: int = 0) -> dict:
+    """Random params of both towers: `{"text": ..., "vision": ...}`."""
+    text_cfg, vision_cfg = configs
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
+    px = jnp.zeros((1, vision_cfg.image_size, vision_cfg.image_size, 3), jnp.float32)
+    return {
+        "text": CLIPTextEncoder(text_cfg).init(k1, ids)["params"],
+        "vision": CLIPVisionEncoder(vision_cfg).init(k2, px)["params"],
+    }
+
+
+def train_clip(
+    train: dict[str, np.ndarray],
+    configs: tuple[CLIPTextConfig, CLIPVisionConfig] | None = None,
+    *,
+    eval_data: dict[str, np.ndarray] | None = None,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> Trained:
+    """Trains both CLIP towers contrastively on (image, caption) pairs.
+
+    Args:
+      train: training split (`image`, `caption`, `shape`, `fg`, `bg`).
+      configs: (CLIPTextConfig, CLIPVisionConfig) (default `tiny_clip_configs` of the image size).
+      eval_data: a split whose retrieval accuracy is reported (see `clip_retrieval_accuracy`).
+      steps, batch_size, lr, seed: optimisation settings; `steps=0` keeps the random towers.
+
+    Returns:
+      `Trained({"text": ..., "vision": ..., "logit_scale": ...}, configs, metrics)`.
+    """
+    images = np.asarray(train["image"])
+    configs = configs or tiny_clip_configs(images.shape[1])
+    text_cfg, vision_cfg = configs
+    text_model, vision_model = CLIPTextEncoder(text_cfg), CLIPVisionEncoder(vision_cfg)
+    params = {**init_clip(configs, seed), "logit_scale": jnp.log(jnp.float32(1 / 0.07))}
+    combo = (train["shape"] * 64 + train["fg"] * 8 + train["bg"]).astype(np.int32)
+    data = {
+        "image": images,
+        "ids": clip_token_ids(train["caption"], text_cfg.max_position_embeddings),
+        "combo": combo,
+    }
+
+    def loss_fn(params, batch, key):
+        del key
+        t = text_model.apply({"params": params["text"]}, batch["ids"])["text_embeds"]
+        v = vision_model.apply({"params": params["vision"]}, clip_pixels(batch["image"]))[
+            "image_embeds"
+        ]
+        t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        logits = jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0))) * v @ t.T
+        same = (batch["combo"][:, None] == batch["combo"][None, :]).astype(jnp.float32)
+        target = same / same.sum(1, keepdims=True)
+        loss = 0.5 * (
+            optax.softmax_cross_entropy(logits, target).mean()
+            + optax.softmax_cross_entropy(logits.T, target).mean()
+        )
+        return loss, {"logit_scale": params["logit_scale"]}
+
+    if steps:
+        params, metrics = _fit(
+            loss_fn, params, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        )
+    else:
+        metrics = {"steps": 0, "train_seconds": 0.0}
+    if eval_data is not None:
+        t = time.perf_counter()
+        metrics["retrieval_accuracy"] = clip_retrieval_accuracy(configs, params, eval_data)
+        metrics["eval_seconds"] = time.perf_counter() - t
+    return Trained(params, configs, metrics)
