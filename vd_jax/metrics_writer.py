@@ -168,12 +168,14 @@ class MetricsWriter:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], jsonl: bool = True) -> None:
+        """One row per train step in metrics.jsonl (`jsonl=False`: TensorBoard only)."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        if jsonl:
+            row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
         summary = b"".join(_bytes_field(1, _scalar_value(k, v)) for k, v in scalars.items())
         self._events.write(tfrecord(_event(step, summary=summary)))
         self._events.flush()

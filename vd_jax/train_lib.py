@@ -437,7 +437,9 @@ class Sampler:
                 self.writer.write_image(step, f"samples/{flow}", grid)
             else:
                 self.writer.write_scalars(
-                    step, {f"samples/{flow}/mean": out.mean(), f"samples/{flow}/std": out.std()}
+                    step,
+                    {f"samples/{flow}/mean": out.mean(), f"samples/{flow}/std": out.std()},
+                    jsonl=False,
                 )
                 # Hook: real sentences once the Optimus text VAE is wired as `text_vae`.
                 text_vae = self.trainer.encoders.text_vae
