@@ -2,6 +2,7 @@ r"""Trains Versatile Diffusion; all logic lives in vd_jax.train_lib.
 
   python train.py --config=configs/tiny.py --workdir=/tmp/tw --config.num_steps=20
   python train.py --config=configs/vd_four_flow.py:res=256 --workdir=/ckpt/vd4
+  python train.py --config=configs/demo.py --workdir=/tmp/vd_demo  # the CPU demo, all stages
 
 Rerunning the same command resumes from the newest checkpoint in --workdir.
 """
@@ -21,7 +22,12 @@ def main(argv):
     from vd_jax import train_lib  # imports jax: flags such as XLA_FLAGS are read by now
 
     logging.info("config:\n%s", FLAGS.config)
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.get("job") == "demo":
+        from vd_jax.demo.run import run_demo
+
+        run_demo(FLAGS.config, FLAGS.workdir)
+    else:
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

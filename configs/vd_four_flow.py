@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.flow_mode = "all"  # 'all': Algorithm 1; 'sample': one flow per step, drawn by weight
     c.dual_ratio = 0.5  # image-context share of the dual_context flow
     c.cfg_dropout = 0.1  # per-context probability of the unconditional context
+    c.prediction_type = "epsilon"  # VD's; 'v_prediction' trains (and samples) SD 2's v target
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -91,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.encoders = ml_collections.ConfigDict(
         dict(
-            source="pretrained",  # 'pretrained' (from `folder`) | 'random' (tests)
+            source="pretrained",  # 'pretrained' (from `folder`) | 'random' (tests) | 'demo'
             folder="",  # diffusers VD folder or the released original files
             on_the_fly=False,  # encode images / captions in the step (else precomputed)
             text_vae="optimus",  # 'optimus' | 'fake' | '' (no text flows on raw data)

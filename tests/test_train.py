@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -133,6 +134,24 @@ def test_config_and_pieces():
               "context": {"text": {"w": np.zeros((2, 2))}}}  # fmt: skip
     assert ts.labels(params, c) == {"global": {"w": "frozen"}, "data": {"image": {"w": "frozen"}},
                                     "context": {"text": {"w": "context"}}}  # fmt: skip
+
+
+def test_optimizer_steps_by_lr_with_decoupled_decay():
+    """AdamW per group: a constant gradient moves each param by lr * scale per step (Adam's
+    normalisation), plus lr * weight_decay * param on matrices only."""
+    c = _config(10)
+    c.optim.update(lr=1e-3, warmup_steps=1, schedule="constant", grad_clip=0.0, weight_decay=0.1)
+    c.lr_scales.context = 0.5
+    params = {"global": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)},
+              "context": {"text": {"w": jnp.ones((2, 2))}}}  # fmt: skip
+    grads = jax.tree_util.tree_map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    tx = ts.make_optimizer(c, params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # step 0: the warmup's lr is 0
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["global"]["b"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["global"]["w"], -1e-3 * (1 + 0.1), rtol=1e-4)
+    np.testing.assert_allclose(updates["context"]["text"]["w"], -0.5e-3 * (1 + 0.1), rtol=1e-4)
 
 
 @pytest.mark.slow

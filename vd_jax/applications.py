@@ -96,7 +96,10 @@ def mask_token_weights(mask: np.ndarray, image_size: int, patch_size: int) -> np
 
 
 def sdedit_start(
-    latents: jax.Array, noise: jax.Array, tables: DDIMTables, alphas_cumprod: np.ndarray,
+    latents: jax.Array,
+    noise: jax.Array,
+    tables: DDIMTables,
+    alphas_cumprod: np.ndarray,
     fidelity: float,
 ) -> tuple[jax.Array, int]:
     """Noised start latents and the first DDIM step index for fidelity in [0, 1).

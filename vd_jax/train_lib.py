@@ -100,6 +100,10 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> ts.FrozenE
             enc.params["clip_vision"] = m.vision_params
         if text_data and e.text_vae == "optimus":
             enc.text_vae = _PipelineTextVAE(m)
+    elif e.source == "demo":
+        from vd_jax.demo.encoders import frozen_encoders
+
+        return frozen_encoders(e.folder, cdim)[0]
     elif e.source == "random":
         if image_data:
             enc.vae = AutoencoderKL(VAEConfig(**e.vae))
@@ -117,7 +121,9 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> ts.FrozenE
             px = jnp.zeros((1, s, s, 3))
             enc.params["clip_vision"] = jax.jit(enc.clip_vision.init)(k_vis, px)["params"]
     else:
-        raise ValueError(f"encoders.source must be 'pretrained' or 'random', got {e.source!r}")
+        raise ValueError(
+            f"encoders.source must be 'pretrained', 'random' or 'demo', got {e.source!r}"
+        )
     if text_data and enc.text_vae is None and e.text_vae == "fake":
         from vd_jax.fake_data import FakeTextVAE
 
@@ -342,6 +348,70 @@ class _Preemption:
 # --------------------------------------------------------------------------- sample grids
 
 
+def make_flow_sampler(
+    model: unet.VDDiffuser,
+    vae,
+    flow: str,
+    *,
+    num: int,
+    latent_size: int,
+    steps: int,
+    guidance_scale: float,
+    dual_ratio: float = 0.5,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+):
+    """`run(params, frozen, inputs, rng)`: DDIM with classifier-free guidance for one flow.
+
+    `inputs` holds `{ctype}_context` [num, L, D] for each of the flow's context types,
+    `frozen` the unconditional contexts (`uncond_text`, `uncond_image`) and, for image
+    flows, the VAE params (`vae`). Image flows return decoded images in [0, 1], text flows
+    the sampled text latents. Conditional and unconditional halves run as one batch.
+    """
+    from vd_jax.diffusion import ddim
+    from vd_jax.diffusion.schedules import NoiseSchedule
+    from vd_jax.models.vae import decode_latents
+
+    xtype, ctypes = ts.FLOWS[flow]
+    schedule = NoiseSchedule(prediction_type=prediction_type)
+    tables = ddim.ddim_tables(schedule, steps)
+    dcfg = model.config
+    ratios = None if len(ctypes) == 1 else (dual_ratio, 1.0 - dual_ratio)
+    if xtype == "image":
+        shape = (num, latent_size, latent_size, dcfg.image_in_channels)
+    else:
+        shape = (num, dcfg.text_dim)
+
+    def run(params, frozen, inputs, rng):
+        k_init, k_eta = jax.random.split(rng)
+        x = jax.random.normal(k_init, shape, jnp.float32)
+        ctx = []
+        for c in ctypes:
+            cond = inputs[f"{c}_context"]
+            unc = jnp.broadcast_to(frozen[f"uncond_{c}"].astype(cond.dtype), cond.shape)
+            ctx.append(jnp.concatenate([unc, cond]))
+
+        def model_fn(xt, t):
+            eps = model.apply(
+                {"params": params},
+                jnp.concatenate([xt, xt]),
+                jnp.concatenate([t, t]),
+                ctx,
+                xtype=xtype,
+                ctypes=ctypes,
+                ratios=ratios,
+            ).astype(jnp.float32)
+            e_u, e_c = jnp.split(eps, 2)
+            return ddim.classifier_free_guidance(e_u, e_c, guidance_scale)
+
+        x0 = ddim.sample_loop(model_fn, x, tables, schedule, eta=eta, rng=k_eta)
+        if xtype == "image":
+            return decode_latents(vae, frozen["vae"], x0)
+        return x0
+
+    return run
+
+
 class Sampler:
     """DDIM samples of every trained flow from fixed inputs (the data's first examples).
 
@@ -351,13 +421,8 @@ class Sampler:
     """
 
     def __init__(self, trainer: Trainer, workdir: str, writer: MetricsWriter):
-        from vd_jax.diffusion import ddim
-        from vd_jax.diffusion.schedules import NoiseSchedule
-
         self.trainer, self.writer, self.config = trainer, writer, trainer.config
         self.dir = os.path.join(workdir, "samples")
-        self.schedule = NoiseSchedule()
-        self.tables = ddim.ddim_tables(self.schedule, self.config.sample_steps)
         n = self.config.num_samples
         # The same inputs on every host: host 0's view of the stream's first batch.
         it = make_iterator(self.config, process_index=0, process_count=1)
@@ -377,45 +442,15 @@ class Sampler:
         self._fns: dict[str, Any] = {}
 
     def _fn(self, flow: str):
-        from vd_jax.diffusion import ddim
-        from vd_jax.models.vae import decode_latents
-
         tr, cfg = self.trainer, self.config
-        xtype, ctypes = ts.FLOWS[flow]
-        n = cfg.num_samples
-        ratios = None if len(ctypes) == 1 else (cfg.dual_ratio, 1.0 - cfg.dual_ratio)
-
-        def run(params, frozen, inputs, rng):
-            if xtype == "image":
-                shape = (n, cfg.latent_size, cfg.latent_size, tr.dcfg.image_in_channels)
-            else:
-                shape = (n, tr.dcfg.text_dim)
-            x = jax.random.normal(rng, shape, jnp.float32)
-            ctx = []
-            for c in ctypes:
-                cond = inputs[f"{c}_context"]
-                unc = jnp.broadcast_to(frozen[f"uncond_{c}"].astype(cond.dtype), cond.shape)
-                ctx.append(jnp.concatenate([unc, cond]))
-
-            def model_fn(xt, t):
-                eps = tr.model.apply(
-                    {"params": params},
-                    jnp.concatenate([xt, xt]),
-                    jnp.concatenate([t, t]),
-                    ctx,
-                    xtype=xtype,
-                    ctypes=ctypes,
-                    ratios=ratios,
-                ).astype(jnp.float32)
-                e_u, e_c = jnp.split(eps, 2)
-                return ddim.classifier_free_guidance(e_u, e_c, cfg.guidance_scale)
-
-            x0 = ddim.sample_loop(model_fn, x, self.tables, self.schedule)
-            if xtype == "image":
-                return decode_latents(tr.encoders.vae, frozen["vae"], x0)
-            return x0
-
-        return jax.jit(run, out_shardings=tr.rep)
+        return jax.jit(
+            make_flow_sampler(
+                tr.model, tr.encoders.vae, flow, num=cfg.num_samples, latent_size=cfg.latent_size,
+                steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                dual_ratio=cfg.dual_ratio, prediction_type=cfg.get("prediction_type", "epsilon"),
+            ),
+            out_shardings=tr.rep,
+        )  # fmt: skip
 
     def __call__(self, state: dict, step: int) -> None:
         params = state["ema_params"] or state["params"]

@@ -131,8 +131,14 @@ def make_optimizer(config, params: Any) -> optax.GradientTransformation:
     decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)
 
     def adamw(scale: float):
+        # Keywords only: adamw's fifth positional parameter is eps_root, not weight_decay.
         return optax.adamw(
-            lambda s: base(s) * scale, o.b1, o.b2, o.eps, o.weight_decay, mask=decay_mask
+            lambda s: base(s) * scale,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=decay_mask,
         )
 
     transforms = {
@@ -238,6 +244,9 @@ def flow_loss(
 ) -> jax.Array:
     """ε-prediction L2 of one flow: mean over latent elements per example, then over the batch.
 
+    With `config.prediction_type = 'v_prediction'` the target is v = sqrt(abar) eps -
+    sqrt(1 - abar) x0 instead (SD 2's parameterisation; VD's is 'epsilon').
+
     Contexts are replaced by the unconditional ones per example with probability
     `config.cfg_dropout` (independently per context), so that classifier-free guidance works.
     """
@@ -249,6 +258,10 @@ def flow_loss(
     t = jax.random.randint(k_t, (b,), 0, alphas.shape[0])
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     xt = q_sample(x0, noise, alphas[t])
+    target = noise
+    if config.get("prediction_type", "epsilon") == "v_prediction":
+        a = alphas[t].reshape((b,) + (1,) * (x0.ndim - 1))
+        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
     contexts = []
     for i, c in enumerate(ctypes):
         ctx = inputs[f"{c}_context"]
@@ -257,7 +270,7 @@ def flow_loss(
     ratios = None if len(ctypes) == 1 else (config.dual_ratio, 1.0 - config.dual_ratio)
     kw = dict(xtype=xtype, ctypes=ctypes, ratios=ratios)
     eps = model.apply({"params": params}, xt, t, contexts, **kw)
-    err = jnp.square(eps.astype(jnp.float32) - noise).reshape(b, -1).mean(axis=1)
+    err = jnp.square(eps.astype(jnp.float32) - target).reshape(b, -1).mean(axis=1)
     return err.mean()
 
 

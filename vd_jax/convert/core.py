@@ -228,8 +228,10 @@ def _read_torch(path: str) -> StateDict:
         {k: r.shape for k, r in refs.items()},
         get,
         path,
-        {k: str(np.dtype(r.storage.dtype)) if r.storage.dtype != "bfloat16" else "bfloat16"
-         for k, r in refs.items()},
+        {
+            k: str(np.dtype(r.storage.dtype)) if r.storage.dtype != "bfloat16" else "bfloat16"
+            for k, r in refs.items()
+        },
     )
 
 

@@ -165,7 +165,8 @@ class TorchZipFile:
         if count == 0 or not all(ref.shape):
             return np.zeros(ref.shape, dtype)
         offset = self._data_offset(ref.storage.key)
-        need = ref.offset + 1 + sum((s - 1) * st for s, st in zip(ref.shape, ref.stride, strict=True))
+        span = sum((s - 1) * st for s, st in zip(ref.shape, ref.stride, strict=True))
+        need = ref.offset + 1 + span
         if need > count:
             raise ValueError(f"tensor {key} reaches past its storage")
         storage = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=(count,))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from vd_jax import optimus_tokenizers as otok
 from vd_jax.demo import shapes
@@ -131,6 +132,7 @@ def _fit(
     lr: float,
     seed: int,
     log_every: int = 25,
+    desc: str = "pretrain",
 ) -> tuple[Any, dict[str, Any]]:
     """AdamW with warmup + cosine decay over random batches of `data` (numpy, first axis)."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -150,7 +152,7 @@ def _fit(
     key = jax.random.key(seed)
     history, first_loss = [], None
     start = time.perf_counter()
-    for i in range(steps):
+    for i in tqdm(range(steps), desc=desc, mininterval=2.0):
         idx = rng.integers(0, n, batch_size)
         key, sub = jax.random.split(key)
         params, opt_state, loss, aux = step(
@@ -252,7 +254,14 @@ def train_vae(
         return mse + l1 + kl_weight * kl, {"mse": mse, "kl": kl}
 
     params, metrics = _fit(
-        loss_fn, params, {"image": images}, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        loss_fn,
+        params,
+        {"image": images},
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        desc="image VAE",
     )
     # Latent scale: SD's recipe, 1 / std of the (unscaled) posterior means of training images.
     sample = images[: min(len(images), 512)]
@@ -291,12 +300,17 @@ def optimus_inputs(captions: Sequence[str], length: int = TEXT_LENGTH) -> dict[s
     return {"enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": dec}
 
 
+@functools.lru_cache(maxsize=8)
+def _posterior_mean_fn(bert: BertConfig):
+    return jax.jit(
+        lambda p, i, m: BertEncoder(bert).apply({"params": p}, i, m, method=BertEncoder.latent)[0]
+    )
+
+
 def optimus_encode(bert: BertConfig, params: Any, captions: Sequence[str]) -> np.ndarray:
     """[N, latent] posterior means (VD's text latents) of captions."""
     inputs = optimus_inputs(captions)
-    fn = jax.jit(
-        lambda p, i, m: BertEncoder(bert).apply({"params": p}, i, m, method=BertEncoder.latent)[0]
-    )
+    fn = _posterior_mean_fn(bert)
     n = len(captions)
     return np.concatenate(
         [np.asarray(fn(params, inputs["enc_ids"][s : s + 256], inputs["enc_mask"][s : s + 256]))
@@ -403,7 +417,14 @@ def train_optimus(
         return ce + beta * kl, {"ce": ce, "kl": kl}
 
     params, metrics = _fit(
-        loss_fn, params, inputs, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        loss_fn,
+        params,
+        inputs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        desc="Optimus",
     )
     metrics["latent_std"] = float(optimus_encode(bert, params["encoder"], captions[:512]).std())
     if eval_data is not None:
@@ -565,7 +586,14 @@ def train_clip(
 
     if steps:
         params, metrics = _fit(
-            loss_fn, params, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+            loss_fn,
+            params,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            desc="CLIP",
         )
     else:
         metrics = {"steps": 0, "train_seconds": 0.0}

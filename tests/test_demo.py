@@ -1,0 +1,112 @@
+"""The demo job end to end at a small budget (configs/demo.py:budget=ci), so it cannot rot.
+
+The full demo's numbers (each flow >= 0.90 on held-out combinations in <= 15 minutes) are
+measured by running `train.py --config=configs/demo.py` and recorded in the README; here
+every stage runs for seconds and the flows must beat chance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo as demo_config
+from vd_jax.demo import evaluate
+from vd_jax.demo.attributes import attributes_of
+from vd_jax.demo.encoders import DemoEncoders
+from vd_jax.demo.run import run_demo
+
+FLOWS = ("text_to_image", "image_variation", "image_to_text", "text_variation", "dual_guided")
+# Guessing each attribute uniformly: shape 1/4, shape colour 1/6, background colour 1/6
+# (the readers name any of the six colours); the mean over the three attributes.
+CHANCE = (1 / 4 + 1 / 6 + 1 / 6) / 3
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    config = demo_config.get_config("budget=ci")
+    out = run_demo(config, str(workdir))
+    return config, workdir, out
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_beats_chance(ci_run):
+    config, workdir, out = ci_run
+    saved = json.loads((workdir / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(out))
+    for flow in FLOWS:
+        assert 0.0 <= saved[flow] <= 1.0
+        d = saved["details"][flow]
+        assert set(d) >= {"shape", "fg", "bg", "all"}
+        assert d["all"] == saved[flow]
+    mean_attr = {
+        f: np.mean([saved["details"][f][k] for k in ("shape", "fg", "bg")]) for f in FLOWS[:4]
+    }
+    print("demo ci budget, mean attribute accuracy per flow:", mean_attr)
+    for flow in FLOWS[:4]:
+        assert mean_attr[flow] > CHANCE, (flow, mean_attr[flow])
+    assert saved["vd"]["steps"] == config.vd.num_steps
+    assert saved["vd"]["final_loss"] < saved["vd"]["first_loss"]
+    stages = saved["wall_seconds"]
+    assert set(stages) >= {"data", "vae", "optimus", "clip", "cache", "vd_train", "eval", "total"}
+    assert saved["encoders"]["clip"]["mode"] == "frozen random"
+    with Image.open(workdir / "demo_grid.png") as im:
+        assert im.width >= 150 + 6 * 100 and im.height > 5 * 100
+    rows = [json.loads(x) for x in (workdir / "vd" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == config.vd.num_steps
+
+
+@pytest.mark.slow
+def test_demo_rerun_reuses_stages_and_resumes(ci_run):
+    config, workdir, _ = ci_run
+    more = demo_config.get_config("budget=ci")
+    more.vd.num_steps = config.vd.num_steps + 10
+    out = run_demo(more, str(workdir))
+    # Encoders come from disk (no pre-training stages), VD continues from its checkpoint.
+    assert "vae" not in out["wall_seconds"] and "optimus" not in out["wall_seconds"]
+    assert out["vd"]["steps"] == more.vd.num_steps
+    rows = [json.loads(x) for x in (workdir / "vd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-1] == more.vd.num_steps
+
+
+def test_encoders_round_trip(tmp_path, ci_run):
+    _, workdir, _ = ci_run
+    enc = DemoEncoders.load(str(workdir / "encoders"))
+    enc.save(str(tmp_path / "copy"))
+    again = DemoEncoders.load(str(tmp_path / "copy"))
+    assert again.vae_config == enc.vae_config and again.bert == enc.bert
+    captions = ["a red circle on a blue background"]
+    np.testing.assert_array_equal(again.text_latents(captions), enc.text_latents(captions))
+    with pytest.raises(FileNotFoundError, match="encoders.json"):
+        DemoEncoders.load(str(tmp_path))
+
+
+def test_dual_partners_differ_in_shape():
+    shape = np.array([0, 0, 1, 2, 2, 3, 0])
+    p = evaluate._partners(shape)
+    assert all(shape[i] != shape[j] for i, j in enumerate(p))
+
+
+def test_grid_draws_every_flow(tmp_path):
+    img = np.zeros((32, 32, 3), np.float32)
+    examples = {
+        "text_to_image": {"score": 0.5, "inputs": [["a red circle"]] * 3, "outputs": [img] * 3},
+        "image_to_text": {"score": 1.0, "inputs": [[img]] * 3, "outputs": ["a red circle"] * 3},
+        "dual_guided": {"score": 0.0, "inputs": [["a square", img]] * 3, "outputs": [img] * 3},
+    }
+    path = tmp_path / "grid.png"
+    evaluate.write_grid(str(path), examples)
+    with Image.open(path) as im:
+        assert im.width == evaluate._LABEL_W + 3 * evaluate._CELL_W
+        px = np.asarray(im.convert("RGB"))
+    assert (px == 0).all(-1).sum() > 3 * 32 * 32  # the black images and the text are drawn
+
+
+def test_config_rejects_unknown_budget():
+    with pytest.raises(ValueError, match="budget"):
+        demo_config.get_config("budget=huge")
+    assert attributes_of(0, 0, 1) == {"shape": "circle", "fg": "red", "bg": "green"}

@@ -1,0 +1,239 @@
+"""The demo's frozen encoders on disk, and as the trainer's `FrozenEncoders`.
+
+After pre-training (`vd_jax.demo.pretrain`) the image VAE, the Optimus text VAE and the CLIP
+towers are saved in one folder: `encoders.json` (every config, the text latent scale and the
+caption token length) and one msgpack file of params per model (flax serialization: plain
+arrays, nothing executable). `frozen_encoders(folder, ...)` turns the folder back into the
+`FrozenEncoders` the VD trainer keeps out of its optimizer (`encoders.source = "demo"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vd_jax.models.bert import BertConfig
+from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
+from vd_jax.models.gpt2 import GPT2Config
+from vd_jax.models.vae import AutoencoderKL, VAEConfig
+
+INFO_FILE = "encoders.json"
+_CONFIGS = {
+    "vae": VAEConfig,
+    "bert": BertConfig,
+    "gpt2": GPT2Config,
+    "clip_text": CLIPTextConfig,
+    "clip_vision": CLIPVisionConfig,
+}
+_PARAMS = ("vae", "optimus", "clip")
+
+
+@dataclasses.dataclass
+class DemoEncoders:
+    """Configs and params of the demo's three pre-trained (or random, for CLIP) encoders.
+
+    `text_scale` multiplies Optimus posterior means into the diffuser's text latents (1 / their
+    std on the training captions, as the VAE's `scaling_factor` does for images).
+    """
+
+    vae_config: VAEConfig
+    vae: Any
+    bert: BertConfig
+    gpt2: GPT2Config
+    optimus: Any  # {"encoder": ..., "decoder": ...}
+    clip_text_config: CLIPTextConfig
+    clip_vision_config: CLIPVisionConfig
+    clip: Any  # {"text": ..., "vision": ...}
+    text_scale: float
+    text_length: int
+    metrics: dict = dataclasses.field(default_factory=dict)
+    _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def _jit(self, name: str, fn):
+        """One compiled function per encoder, reused across batches."""
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
+
+    # ------------------------------------------------------------------ encoding, decoding
+
+    def image_latents(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images -> scaled VAE posterior means (the diffuser's image latents)."""
+        from vd_jax.demo.pretrain import _batched
+        from vd_jax.models.vae import encode_images
+
+        model = AutoencoderKL(self.vae_config)
+        fn = self._jit("vae_enc", lambda p, x: encode_images(model, p, x.astype(jnp.float32) / 255))
+        return np.concatenate(_batched(lambda x: np.asarray(fn(self.vae, x)), images))
+
+    def decode_images(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled image latents -> float images in [0, 1]."""
+        from vd_jax.demo.pretrain import _batched
+        from vd_jax.models.vae import decode_latents
+
+        model = AutoencoderKL(self.vae_config)
+        fn = self._jit("vae_dec", lambda p, z: decode_latents(model, p, z))
+        return np.concatenate(_batched(lambda z: np.asarray(fn(self.vae, z)), latents))
+
+    def text_latents(self, captions: Sequence[str]) -> np.ndarray:
+        """Captions -> scaled Optimus posterior means (the diffuser's text latents)."""
+        from vd_jax.demo.pretrain import optimus_encode
+
+        z = optimus_encode(self.bert, self.optimus["encoder"], [str(c) for c in captions])
+        return (z * self.text_scale).astype(np.float32)
+
+    def decode_texts(self, latents: np.ndarray) -> list[str]:
+        """Scaled text latents -> greedy Optimus captions."""
+        from vd_jax.demo.pretrain import optimus_decode
+
+        z = np.asarray(latents, np.float32) / self.text_scale
+        return optimus_decode(self.gpt2, self.optimus["decoder"], z, self.text_length)
+
+    def text_contexts(self, captions: Sequence[str]) -> np.ndarray:
+        """CLIP text contexts (VD's: all tokens / |projected EOS|) of captions."""
+        from vd_jax.demo.pretrain import _batched, clip_token_ids
+
+        ids = clip_token_ids(captions, self.text_length)
+        model = CLIPTextEncoder(self.clip_text_config)
+        fn = self._jit("clip_text", lambda p, i: model.apply({"params": p}, i, method="context"))
+        return np.concatenate(_batched(lambda i: np.asarray(fn(self.clip["text"], i)), ids))
+
+    def image_contexts(self, images: np.ndarray) -> np.ndarray:
+        """CLIP image contexts (post-LN + projection of all tokens / |projected CLS|)."""
+        from vd_jax.demo.pretrain import _batched, clip_pixels
+
+        model = CLIPVisionEncoder(self.clip_vision_config)
+        fn = self._jit(
+            "clip_vision", lambda p, x: model.apply({"params": p}, clip_pixels(x), method="context")
+        )
+        return np.concatenate(_batched(lambda x: np.asarray(fn(self.clip["vision"], x)), images))
+
+    def encode_batch(self, batch: dict) -> dict[str, np.ndarray]:
+        """A data batch (`image`, `caption`) -> every cached diffuser input of the four flows."""
+        captions = [str(c) for c in batch["caption"]]
+        images = np.asarray(batch["image"])
+        return {
+            "image_latent": self.image_latents(images),
+            "text_latent": self.text_latents(captions),
+            "text_context": self.text_contexts(captions).astype(np.float32),
+            "image_context": self.image_contexts(images).astype(np.float32),
+        }
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, folder: str) -> None:
+        """Writes the folder atomically (a temporary sibling renamed into place)."""
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".encoders_tmp")
+        info = {
+            "configs": {
+                "vae": dataclasses.asdict(self.vae_config),
+                "bert": dataclasses.asdict(self.bert),
+                "gpt2": dataclasses.asdict(self.gpt2),
+                "clip_text": dataclasses.asdict(self.clip_text_config),
+                "clip_vision": dataclasses.asdict(self.clip_vision_config),
+            },
+            "text_scale": self.text_scale,
+            "text_length": self.text_length,
+            "metrics": self.metrics,
+        }
+        with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        for name, tree in (("vae", self.vae), ("optimus", self.optimus), ("clip", self.clip)):
+            with open(os.path.join(tmp, f"{name}.msgpack"), "wb") as f:
+                f.write(flax.serialization.msgpack_serialize(jax.device_get(tree)))
+        if os.path.exists(folder):
+            os.rename(folder, tmp + ".old")
+        os.rename(tmp, folder)
+
+    @classmethod
+    def load(cls, folder: str) -> DemoEncoders:
+        path = os.path.join(folder, INFO_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} holds no demo encoders ({INFO_FILE} is missing)")
+        with open(path) as f:
+            info = json.load(f)
+        cfg = {k: _config(c, info["configs"][k]) for k, c in _CONFIGS.items()}
+        params = {}
+        for name in _PARAMS:
+            with open(os.path.join(folder, f"{name}.msgpack"), "rb") as f:
+                params[name] = flax.serialization.msgpack_restore(f.read())
+        return cls(
+            vae_config=cfg["vae"],
+            vae=params["vae"],
+            bert=cfg["bert"],
+            gpt2=cfg["gpt2"],
+            optimus=params["optimus"],
+            clip_text_config=cfg["clip_text"],
+            clip_vision_config=cfg["clip_vision"],
+            clip=params["clip"],
+            text_scale=float(info["text_scale"]),
+            text_length=int(info["text_length"]),
+            metrics=info.get("metrics", {}),
+        )
+
+
+def _config(cls, d: dict):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class DemoTextVAE:
+    """The trainer's pluggable `text_vae` (encode captions, decode latents) over Optimus."""
+
+    def __init__(self, enc: DemoEncoders):
+        self.enc = enc
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.enc.text_latents(texts)
+
+    def decode(self, latents: np.ndarray) -> list[str]:
+        return self.enc.decode_texts(latents)
+
+
+def frozen_encoders(folder: str, context_dim: int):
+    """The trainer's `FrozenEncoders` of a saved demo folder (uncond contexts included)."""
+    from vd_jax.demo.pretrain import clip_tokenizer
+    from vd_jax.train_step import FrozenEncoders
+
+    enc = DemoEncoders.load(folder)
+    if enc.clip_text_config.projection_dim != context_dim:
+        raise ValueError(
+            f"the demo CLIP projects to {enc.clip_text_config.projection_dim}, "
+            f"the diffuser's context_dim is {context_dim}"
+        )
+    tok = clip_tokenizer()
+    out = FrozenEncoders(
+        params={"vae": enc.vae, "clip_text": enc.clip["text"], "clip_vision": enc.clip["vision"]},
+        vae=AutoencoderKL(enc.vae_config),
+        clip_text=CLIPTextEncoder(enc.clip_text_config),
+        clip_vision=CLIPVisionEncoder(enc.clip_vision_config),
+        tokenizer=_FixedLength(tok, enc.text_length),
+        text_vae=DemoTextVAE(enc),
+    )
+    # VD's unconditional contexts: CLIP("") for text, zeros for images.
+    out.params["uncond_text"] = jnp.asarray(enc.text_contexts([""]), jnp.float32)
+    n_img = enc.clip_vision_config.num_patches + 1
+    out.params["uncond_image"] = jnp.zeros((1, n_img, context_dim), jnp.float32)
+    out.params = jax.tree_util.tree_map(jnp.asarray, out.params)
+    return out, enc
+
+
+class _FixedLength:
+    """A CLIP tokenizer that pads and truncates to the demo's caption length."""
+
+    def __init__(self, tokenizer, length: int):
+        self._tok, self.model_max_length = tokenizer, length
+
+    def __call__(self, texts, **kwargs):
+        kwargs["max_length"] = self.model_max_length
+        return self._tok(texts, **kwargs)

@@ -1,0 +1,196 @@
+"""The demo job: dataset -> encoders -> latent cache -> VD training -> held-out evaluation.
+
+`run_demo(config, workdir)` (configs/demo.py) writes into `workdir`:
+
+- `data/`: the captioned-shapes TFDS dataset and the latent cache of its training split;
+- `encoders/`: the pre-trained VAE and Optimus and the frozen CLIP towers (demo/encoders.py);
+- `vd/`: the diffuser's training run (checkpoints, metrics.jsonl, TensorBoard, loss curve);
+- `eval.json`: per-flow held-out accuracies, encoder reconstruction accuracies, wall times;
+- `demo_grid.png`: examples of every flow.
+
+Each stage reuses what an earlier run of the same workdir finished, so rerunning after an
+interruption continues (VD training resumes from its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from vd_jax.demo import evaluate, pretrain, shapes
+from vd_jax.demo.encoders import DemoEncoders
+from vd_jax.metrics_writer import MetricsWriter
+
+
+class _Clock:
+    """Wall seconds per stage, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def stage(self, name: str, t0: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
+        logging.info("demo stage %s: %.1fs", name, self.seconds[name])
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self._start, 2)
+
+
+def _strip_history(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "history"}
+
+
+def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEncoders:
+    """Trains the image VAE and Optimus on the training split; CLIP stays random or trains."""
+    c = config
+    t0 = time.perf_counter()
+    vae_cfg = pretrain.tiny_vae_config(
+        c.data.image_size,
+        latent_channels=c.vae.latent_channels,
+        block_out_channels=tuple(c.vae.block_out_channels),
+    )
+    vae = pretrain.train_vae(
+        train, vae_cfg, eval_data=held, steps=c.vae.steps, batch_size=c.vae.batch_size,
+        lr=c.vae.lr, seed=c.seed,
+    )  # fmt: skip
+    clock.stage("vae", t0)
+    t0 = time.perf_counter()
+    opt_cfgs = pretrain.tiny_optimus_configs(
+        c.optimus.latent_size, hidden=c.optimus.hidden, layers=c.optimus.layers
+    )
+    optimus = pretrain.train_optimus(
+        train, opt_cfgs, eval_data=held, steps=c.optimus.steps,
+        batch_size=c.optimus.batch_size, lr=c.optimus.lr, seed=c.seed,
+    )  # fmt: skip
+    clock.stage("optimus", t0)
+    t0 = time.perf_counter()
+    clip_cfgs = pretrain.tiny_clip_configs(
+        c.data.image_size, hidden=c.clip.hidden, layers=c.clip.layers,
+        projection_dim=c.clip.projection_dim, patch_size=c.clip.patch_size,
+    )  # fmt: skip
+    clip = pretrain.train_clip(
+        train, clip_cfgs, eval_data=held, steps=c.clip.steps, batch_size=c.clip.batch_size,
+        lr=c.clip.lr, seed=c.seed,
+    )  # fmt: skip
+    clock.stage("clip", t0)
+    bert, gpt2 = optimus.config
+    return DemoEncoders(
+        vae_config=vae.config,
+        vae=vae.params,
+        bert=bert,
+        gpt2=gpt2,
+        optimus=optimus.params,
+        clip_text_config=clip.config[0],
+        clip_vision_config=clip.config[1],
+        clip={"text": clip.params["text"], "vision": clip.params["vision"]},
+        text_scale=1.0 / optimus.metrics["latent_std"],
+        text_length=pretrain.TEXT_LENGTH,
+        metrics={
+            "vae": _strip_history(vae.metrics),
+            "optimus": _strip_history(optimus.metrics),
+            "clip": {
+                "mode": "trained" if c.clip.steps else "frozen random",
+                **_strip_history(clip.metrics),
+            },
+        },  # fmt: skip
+    )
+
+
+def _batches(data: dict, size: int):
+    n = len(data["caption"])
+    for s in range(0, n, size):
+        yield {k: v[s : s + size] for k, v in data.items() if k in ("image", "caption", "key")}
+
+
+def vd_train_config(config, workdir: str, cache: dict):
+    """The diffuser's trainer config, pointed at the encoders and the latent cache."""
+    vd = copy.deepcopy(config.vd)
+    with vd.unlocked():
+        vd.seed = config.seed
+        vd.encoders.folder = os.path.join(workdir, "encoders")
+        vd.data.name = cache["tfds_name"]
+        vd.data.data_dir = cache["data_dir"]
+    return vd
+
+
+def run_demo(config, workdir: str) -> dict[str, Any]:
+    """Runs every stage in `workdir`; returns the contents written to `eval.json`."""
+    from vd_jax import train_lib
+    from vd_jax.datasets.latent_cache import write_latent_cache
+
+    if jax.process_count() > 1:
+        raise ValueError("the demo runs in one process (it is a single-CPU job)")
+    os.makedirs(workdir, exist_ok=True)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    data_dir = os.path.join(workdir, "data")
+    report = shapes.build_shapes_dataset(
+        data_dir, seed=config.seed, num_train=config.data.num_train,
+        num_eval=config.data.num_eval, image_size=config.data.image_size,
+    )  # fmt: skip
+    train = shapes.load_split(report["dataset_dir"], "train")
+    held = shapes.load_split(report["dataset_dir"], "heldout")
+    clock.stage("data", t0)
+
+    enc_dir = os.path.join(workdir, "encoders")
+    reuse = os.path.isfile(os.path.join(enc_dir, "encoders.json"))
+    if reuse:
+        enc = DemoEncoders.load(enc_dir)
+        logging.info("reusing the pre-trained encoders in %s", enc_dir)
+    else:
+        enc = pretrain_encoders(config, train, held, clock)
+        enc.save(enc_dir)
+
+    t0 = time.perf_counter()
+    cache = write_latent_cache(
+        {"train": _batches(train, 256)}, enc.encode_batch, data_dir,
+        name=f"demo_{report['tfds_name'].split('/')[-1]}",
+        overwrite=not reuse,  # new encoders, new latents
+    )  # fmt: skip
+    clock.stage("cache", t0)
+
+    t0 = time.perf_counter()
+    vd_config = vd_train_config(config, workdir, cache)
+    result = train_lib.train_and_evaluate(vd_config, os.path.join(workdir, "vd"))
+    clock.stage("vd_train", t0)
+    if result["preempted"]:
+        logging.warning("preempted during VD training: rerun the command to continue")
+        return {}
+
+    t0 = time.perf_counter()
+    trainer, state = result["trainer"], result["state"]
+    params = state["ema_params"] or state["params"]
+    scores, examples = evaluate.evaluate_flows(config, trainer, params, enc, held)
+    clock.stage("eval", t0)
+    evaluate.write_grid(os.path.join(workdir, "demo_grid.png"), examples)
+    metrics = MetricsWriter.read_jsonl(os.path.join(workdir, "vd", "metrics.jsonl"))
+    out = {
+        **{flow: s["all"] for flow, s in scores.items()},
+        "details": scores,
+        "encoders": enc.metrics,
+        "vd": {
+            "steps": int(result["step"]),
+            "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
+            "first_loss": metrics[0]["loss"] if metrics else None,
+            "final_loss": metrics[-1]["loss"] if metrics else None,
+        },
+        "heldout_combinations": len(shapes.combinations("heldout")),
+        "wall_seconds": {**clock.seconds, "total": clock.total()},
+    }
+    _write_json(os.path.join(workdir, "eval.json"), out)
+    return out
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
