@@ -221,7 +221,9 @@ class Trainer:
 
     def init_state(self) -> dict:
         """A fresh state, created already sharded (params never exist whole on one device)."""
-        state = self._init.lower(self._rng).compile(self.compile_options)(self._rng)
+        # Runs once: XLA's backend optimisation would only lengthen the compile.
+        opts = {"xla_backend_optimization_level": 0}
+        state = self._init.lower(self._rng).compile(opts)(self._rng)
         if self.config.init_from:
             state = self.load_pretrained(state, self.config.init_from)
         return state

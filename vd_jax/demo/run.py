@@ -135,6 +135,7 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     report = shapes.build_shapes_dataset(
         data_dir, seed=config.seed, num_train=config.data.num_train,
         num_eval=config.data.num_eval, image_size=config.data.image_size,
+        jitter=config.data.jitter,
     )  # fmt: skip
     train = shapes.load_split(report["dataset_dir"], "train")
     held = shapes.load_split(report["dataset_dir"], "heldout")
