@@ -27,6 +27,7 @@ from absl import logging
 from vd_jax.demo import evaluate, pretrain, shapes
 from vd_jax.demo.encoders import DemoEncoders
 from vd_jax.metrics_writer import MetricsWriter
+from vd_jax.sharding import make_mesh
 
 
 class _Clock:
@@ -151,16 +152,21 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
         enc.save(enc_dir)
 
     t0 = time.perf_counter()
-    cache = write_latent_cache(
-        {"train": _batches(train, 256)}, enc.encode_batch, data_dir,
-        name=f"demo_{report['tfds_name'].split('/')[-1]}",
-        overwrite=not reuse,  # new encoders, new latents
-    )  # fmt: skip
+    name = f"demo_{report['tfds_name'].split('/')[-1]}"
+    write = lambda overwrite: write_latent_cache(  # noqa: E731
+        {"train": _batches(train, 256)}, enc.encode_batch, data_dir, name=name, overwrite=overwrite
+    )
+    try:
+        cache = write(not reuse)  # new encoders, new latents
+    except FileExistsError:  # a cache interrupted while being finalised: write it again
+        cache = write(True)
     clock.stage("cache", t0)
 
     t0 = time.perf_counter()
     vd_config = vd_train_config(config, workdir, cache)
-    result = train_lib.train_and_evaluate(vd_config, os.path.join(workdir, "vd"))
+    # One device, whatever the host exposes: the demo's numbers are a single-CPU measurement.
+    mesh = make_mesh("1,1", jax.local_devices()[:1])
+    result = train_lib.train_and_evaluate(vd_config, os.path.join(workdir, "vd"), mesh=mesh)
     clock.stage("vd_train", t0)
     if result["preempted"]:
         logging.warning("preempted during VD training: rerun the command to continue")
