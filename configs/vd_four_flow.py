@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vd_jax.models.unet import DiffuserConfig
 
@@ -78,8 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
             grad_accum_steps=1,
         )
     )
-    # LR multipliers per layer group; finer keys like 'data_text' override their group.
-    c.lr_scales = ml_collections.ConfigDict({"global": 1.0, "data": 1.0, "context": 1.0})
+    # LR multipliers per layer group; a finer key ('data_text', 'context_image', ...), once set,
+    # overrides its group for that modality's layers.
+    c.lr_scales = ml_collections.ConfigDict(
+        {"global": 1.0, "data": 1.0, "context": 1.0}
+        | {f"{g}_{t}": placeholder(float) for g in ("data", "context") for t in ("image", "text")}
+    )
     c.freeze = ""  # comma-separated groups to freeze, e.g. 'global,data' trains context only
     c.ema_decay = 0.9999  # 0 disables the EMA copy
     # Rematerialisation per block type: '' | 'full' | a jax.checkpoint_policies name.

@@ -1,7 +1,7 @@
 """The demo job end to end at a small budget (configs/demo.py:budget=ci), so it cannot rot.
 
-The full demo's numbers (each flow >= 0.90 on held-out combinations in <= 15 minutes) are
-measured by running `train.py --config=configs/demo.py` and recorded in the README; here
+The full demo's numbers (target: each flow >= 0.90 on held-out combinations in <= 15 minutes)
+are measured by running `train.py --config=configs/demo.py` and recorded in the README; here
 every stage runs for seconds and the flows must beat chance.
 """
 
@@ -47,15 +47,17 @@ def test_demo_runs_end_to_end_and_beats_chance(ci_run):
         f: np.mean([saved["details"][f][k] for k in ("shape", "fg", "bg")]) for f in FLOWS[:4]
     }
     print("demo ci budget, mean attribute accuracy per flow:", mean_attr)
-    # At this budget the image context is picked up first (its colours); the text-context
-    # flows are still near chance, so together the four flows must beat it clearly.
-    assert mean_attr["image_variation"] > CHANCE + 0.1, mean_attr
-    assert np.mean(list(mean_attr.values())) > CHANCE + 0.03, mean_attr
+    # At this budget (300 steps of a one-level U-Net) the image flows are picked up first
+    # (measured: about 0.5 each); the text outputs are still close to chance (about 0.3).
+    assert mean_attr["text_to_image"] > CHANCE + 0.15, mean_attr
+    assert mean_attr["image_variation"] > CHANCE + 0.15, mean_attr
+    assert np.mean(list(mean_attr.values())) > CHANCE + 0.1, mean_attr
     assert saved["vd"]["steps"] == config.vd.num_steps
     assert saved["vd"]["final_loss"] < saved["vd"]["first_loss"]
     stages = saved["wall_seconds"]
     assert set(stages) >= {"data", "vae", "optimus", "clip", "cache", "vd_train", "eval", "total"}
-    assert saved["encoders"]["clip"]["mode"] == "frozen random"
+    assert saved["encoders"]["clip"]["mode"] == "trained"
+    assert saved["encoders"]["clip"]["steps"] == config.clip.steps > 0
     with Image.open(workdir / "demo_grid.png") as im:
         assert im.width >= 150 + 6 * 100 and im.height > 5 * 100
     rows = [json.loads(x) for x in (workdir / "vd" / "metrics.jsonl").read_text().splitlines()]

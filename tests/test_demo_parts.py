@@ -34,6 +34,28 @@ def test_image_reader_exact_on_every_shape_at_the_extremes_of_jitter():
             assert attributes.read_image_attributes(img) == attributes.attributes_of(s, f, b)
 
 
+@pytest.mark.parametrize("radius", [4.0, shapes.MAX_RADIUS])
+def test_image_reader_exact_on_fixed_size_shapes(radius):
+    # The demo's setting: every shape centred at one size (jitter=False, radius=...).
+    for split in shapes.SPLITS:
+        data = shapes.generate(60, seed=3, split=split, jitter=False, radius=radius)
+        assert np.all(data["radius"] == radius)
+        for i in range(60):
+            want = attributes.attributes_of(data["shape"][i], data["fg"][i], data["bg"][i])
+            assert attributes.read_image_attributes(data["image"][i]) == want, (split, i)
+            # The border the background reader uses stays background.
+            img = data["image"][i]
+            assert np.all(img[:4] == shapes.PALETTE[data["bg"][i]])
+            assert np.all(img[-4:] == shapes.PALETTE[data["bg"][i]])
+
+
+def test_fixed_radius_is_checked():
+    with pytest.raises(ValueError, match="radius"):
+        shapes.generate(4, seed=0, jitter=True, radius=8.0)
+    with pytest.raises(ValueError, match="radius"):
+        shapes.generate(4, seed=0, jitter=False, radius=shapes.MAX_RADIUS + 1)
+
+
 def test_text_reader_exact_on_every_template_and_combination():
     for (s, f, b), t in itertools.product(shapes.combinations(), range(len(shapes.TEMPLATES))):
         text = shapes.caption(s, f, b, template=t)
@@ -126,3 +148,27 @@ def test_clip_pretraining_lowers_loss(train_data):
     _falls(r.metrics)
     acc = pretrain.clip_retrieval_accuracy(r.config, r.params, shapes.generate(8, seed=0))
     assert 0.0 <= acc["all"] <= acc["among_split"] <= 1.0
+
+
+def test_clip_shape_group_batches_hold_one_colour_pair_in_every_shape(train_data):
+    sample = pretrain._shape_group_sampler(train_data, 16)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = sample(rng)
+        assert idx.shape == (16,)
+        pairs = list(zip(train_data["fg"][idx], train_data["bg"][idx], strict=True))
+        # Groups are contiguous: one colour pair, then the next; within a (complete) group every
+        # shape the training split has for that pair appears once.
+        first = pairs[0]
+        group = [i for i, p in zip(idx, pairs, strict=True) if p == first][:4]
+        have = {
+            int(s)
+            for s, f, b in zip(train_data["shape"], train_data["fg"], train_data["bg"], strict=True)
+            if (f, b) == first
+        }
+        assert sorted(int(train_data["shape"][i]) for i in group[: len(have)]) == sorted(have)
+    configs = pretrain.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
+    r = pretrain.train_clip(
+        train_data, configs, steps=12, batch_size=16, lr=3e-3, shape_groups=True
+    )
+    _falls(r.metrics)

@@ -153,6 +153,21 @@ def test_optimizer_steps_by_lr_with_decoupled_decay():
     np.testing.assert_allclose(updates["global"]["b"], -1e-3, rtol=1e-4)
     np.testing.assert_allclose(updates["global"]["w"], -1e-3 * (1 + 0.1), rtol=1e-4)
     np.testing.assert_allclose(updates["context"]["text"]["w"], -0.5e-3 * (1 + 0.1), rtol=1e-4)
+    # A finer key, unset in the base config, overrides its group once set (as from the CLI).
+    assert c.lr_scales.context_image is None
+    c.lr_scales.context_image = 2.0
+    params["context"]["image"] = {"w": jnp.ones((2, 2))}
+    grads = jax.tree_util.tree_map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    assert ts.labels(params, c)["context"] == {
+        "text": {"w": "context"},
+        "image": {"w": "context_image"},
+    }
+    tx = ts.make_optimizer(c, params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["context"]["image"]["w"], -2e-3 * (1 + 0.1), rtol=1e-4)
+    np.testing.assert_allclose(updates["context"]["text"]["w"], -0.5e-3 * (1 + 0.1), rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -79,8 +79,10 @@ def group_label(path: Sequence[Any], lr_scales) -> str:
     """'global' / 'data' / 'context', or the finer 'data_image'-style name if configured."""
     keys = path_str(path).split("/")
     top = keys[0]
-    if top != "global" and len(keys) > 1 and f"{top}_{keys[1]}" in lr_scales:
-        return f"{top}_{keys[1]}"
+    fine = f"{top}_{keys[1]}" if top != "global" and len(keys) > 1 else ""
+    # A finer key counts only when set (the base config declares them unset, for the CLI).
+    if fine and lr_scales.get(fine) is not None:
+        return fine
     return top
 
 

@@ -13,6 +13,10 @@ background colour) are right; `eval.json` also has the per-attribute rates.
 - dual_guided: caption of example i + image of example j (a different shape) -> image, mixing
   the two contexts' attention with `eval.dual_ratio` (image share), VD's dual-guided flow. Its
   target: the shape from the text, both colours from the image.
+
+Image outputs are sampled with `eval.guidance_scale`, text outputs with
+`eval.text_guidance_scale` (lower: strong guidance pushes a text latent out of its caption's
+region of the Optimus latent space).
 """
 
 from __future__ import annotations
@@ -74,15 +78,17 @@ def evaluate_flows(config, trainer, params: Any, enc, held: dict) -> tuple[dict,
     scores, examples = {}, {}
     k = int(e.grid_examples)
     for i, (flow, (inputs, want)) in enumerate(jobs.items()):
+        to_text = flow in ("image_to_text", "text_variation")
+        scale = e.text_guidance_scale if to_text else e.guidance_scale
         run = make_flow_sampler(
             trainer.model, trainer.encoders.vae, _TRAINER_FLOW.get(flow, flow), num=n,
             latent_size=config.vd.latent_size, steps=int(e.sample_steps),
-            guidance_scale=float(e.guidance_scale), dual_ratio=float(e.dual_ratio),
+            guidance_scale=float(scale), dual_ratio=float(e.dual_ratio),
             prediction_type=config.vd.prediction_type,
         )  # fmt: skip
         rng = jax.random.key(config.seed + 1000 + i)
         out = np.asarray(jax.jit(run)(params, trainer.frozen, inputs, rng))
-        if flow in ("image_to_text", "text_variation"):
+        if to_text:
             texts = enc.decode_texts(out)
             read = [read_text_attributes(t) for t in texts]
             outputs: list = texts

@@ -133,8 +133,12 @@ def _fit(
     seed: int,
     log_every: int = 25,
     desc: str = "pretrain",
+    sample_batch: Callable[[np.random.Generator], np.ndarray] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """AdamW with warmup + cosine decay over random batches of `data` (numpy, first axis)."""
+    """AdamW with warmup + cosine decay over random batches of `data` (numpy, first axis).
+
+    `sample_batch(rng)` picks a batch's example indices; default: `batch_size` uniform draws.
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, min(50, max(steps // 10, 1)), max(steps, 2), end_value=lr * 0.1
     )
@@ -153,7 +157,7 @@ def _fit(
     history, first_loss = [], None
     start = time.perf_counter()
     for i in tqdm(range(steps), desc=desc, mininterval=2.0):
-        idx = rng.integers(0, n, batch_size)
+        idx = rng.integers(0, n, batch_size) if sample_batch is None else sample_batch(rng)
         key, sub = jax.random.split(key)
         params, opt_state, loss, aux = step(
             params, opt_state, {k: v[idx] for k, v in data.items()}, sub
@@ -534,6 +538,25 @@ def init_clip(configs: tuple[CLIPTextConfig, CLIPVisionConfig], seed: int = 0) -
     }
 
 
+def _shape_group_sampler(
+    train: dict[str, np.ndarray], batch_size: int
+) -> Callable[[np.random.Generator], np.ndarray]:
+    """Batches of colour-pair groups, one example per shape in each (see `train_clip`)."""
+    groups: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for i, (s, f, b) in enumerate(zip(train["shape"], train["fg"], train["bg"], strict=True)):
+        groups.setdefault((int(f), int(b)), {}).setdefault(int(s), []).append(i)
+    pairs = [list(by_shape.values()) for by_shape in groups.values()]
+
+    def sample(rng: np.random.Generator) -> np.ndarray:
+        idx: list[int] = []
+        while len(idx) < batch_size:
+            for members in pairs[rng.integers(len(pairs))]:
+                idx.append(members[rng.integers(len(members))])
+        return np.asarray(idx[:batch_size])
+
+    return sample
+
+
 def train_clip(
     train: dict[str, np.ndarray],
     configs: tuple[CLIPTextConfig, CLIPVisionConfig] | None = None,
@@ -543,6 +566,7 @@ def train_clip(
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
+    shape_groups: bool = False,
 ) -> Trained:
     """Trains both CLIP towers contrastively on (image, caption) pairs.
 
@@ -551,6 +575,10 @@ def train_clip(
       configs: (CLIPTextConfig, CLIPVisionConfig) (default `tiny_clip_configs` of the image size).
       eval_data: a split whose retrieval accuracy is reported (see `clip_retrieval_accuracy`).
       steps, batch_size, lr, seed: optimisation settings; `steps=0` keeps the random towers.
+      shape_groups: hard-negative batches: colour pairs drawn at random, each with one example
+        of every shape it has in `train`. With uniform batches an image rarely meets another
+        of its colours, so colours alone separate almost every pair and the vision tower's
+        shape features stay tied to the colours they were seen with.
 
     Returns:
       `Trained({"text": ..., "vision": ..., "logit_scale": ...}, configs, metrics)`.
@@ -594,6 +622,7 @@ def train_clip(
             lr=lr,
             seed=seed,
             desc="CLIP",
+            sample_batch=_shape_group_sampler(train, batch_size) if shape_groups else None,
         )
     else:
         metrics = {"steps": 0, "train_seconds": 0.0}

@@ -79,7 +79,7 @@ def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEnc
     )  # fmt: skip
     clip = pretrain.train_clip(
         train, clip_cfgs, eval_data=held, steps=c.clip.steps, batch_size=c.clip.batch_size,
-        lr=c.clip.lr, seed=c.seed,
+        lr=c.clip.lr, seed=c.seed, shape_groups=c.clip.shape_groups,
     )  # fmt: skip
     clock.stage("clip", t0)
     bert, gpt2 = optimus.config
@@ -136,7 +136,7 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     report = shapes.build_shapes_dataset(
         data_dir, seed=config.seed, num_train=config.data.num_train,
         num_eval=config.data.num_eval, image_size=config.data.image_size,
-        jitter=config.data.jitter,
+        jitter=config.data.jitter, radius=config.data.get("radius") or None,
     )  # fmt: skip
     train = shapes.load_split(report["dataset_dir"], "train")
     held = shapes.load_split(report["dataset_dir"], "heldout")

@@ -41,23 +41,29 @@ PALETTE = np.array(
     ],
     np.uint8,
 )
-# Paraphrases: word order differs (shape colour first or background first), and "background"
-# alternates with "backdrop"; attribute words themselves are always the canonical ones.
+# Paraphrases: the wording, "background" / "backdrop" and where the shape word sits vary, but the
+# shape's colour is always named before the background's. The Optimus latent binds a colour to
+# its place in the sentence, not to its role: with both orders in the set (e.g. "a blue backdrop
+# with a red circle in it"), image->text and text variation produced the two colours swapped in
+# about a third of their captions (measured, README), because nothing in an image tells which
+# order a caption would use.
 TEMPLATES = (
     "a {fg} {shape} on a {bg} background",
-    "a {bg} backdrop with a {fg} {shape} in it",
+    "a {fg} {shape} in front of a {bg} backdrop",
     "{fg} {shape}, {bg} background",
     "a {shape} in {fg} against a {bg} background",
-    "the background is {bg} and the {shape} is {fg}",
-    "on a {bg} background there is a {fg} {shape}",
+    "the {shape} is {fg} and the background is {bg}",
+    "there is a {fg} {shape} on a {bg} background",
     "a {fg} colored {shape} on a {bg} backdrop",
-    "a {bg} background with a {fg} {shape}",
+    "a {fg} {shape} with a {bg} background",
 )
 SPLITS = ("train", "heldout")
 IMAGE_SIZE = 32
 # Shape half-extent (pixels at 32 px; scaled with the image size) and centre jitter.
 _RADIUS = (7.0, 10.0)
 _JITTER = 3.0
+# Largest half-extent of a centred shape that leaves a 4 px background border at 32 px.
+MAX_RADIUS = 12.0
 # A square's half side per unit radius: a bit less than the circle's bounding square, so that
 # the two shapes have similar areas.
 _SQUARE_SCALE = 0.85
@@ -138,6 +144,7 @@ def generate(
     split: str = "train",
     image_size: int = IMAGE_SIZE,
     jitter: bool = True,
+    radius: float | None = None,
 ) -> dict[str, np.ndarray]:
     """`num` seeded examples of one split.
 
@@ -149,7 +156,9 @@ def generate(
       seed: generator seed; the two splits use independent streams of it.
       split: "train" or "heldout".
       image_size: image side in pixels (at least 16).
-      jitter: randomise position and size; False centres every shape at the mid size.
+      jitter: randomise position and size; False centres every shape at one size.
+      radius: that size without jitter (half-extent in pixels at 32 px, at most `MAX_RADIUS`);
+        None: the middle of the jitter range.
 
     Returns:
       dict with `image` uint8 [num, S, S, 3], `caption` object [num], int32 [num] arrays
@@ -157,13 +166,18 @@ def generate(
     """
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
+    if radius is not None and (jitter or not 2.0 <= radius <= MAX_RADIUS):
+        raise ValueError(
+            f"radius is the fixed size of unjittered shapes, in [2, {MAX_RADIUS}] px at 32 px; "
+            f"got radius={radius} with jitter={jitter}"
+        )
     combos = np.asarray(combinations(split), np.int32)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     pick = combos[rng.integers(0, len(combos), num)]
     template = rng.integers(0, len(TEMPLATES), num).astype(np.int32)
     scale = image_size / IMAGE_SIZE
     centre = np.full((num, 2), image_size / 2)
-    radius = np.full(num, scale * sum(_RADIUS) / 2)
+    radius = np.full(num, scale * (sum(_RADIUS) / 2 if radius is None else radius))
     if jitter:
         centre = centre + rng.uniform(-_JITTER, _JITTER, (num, 2)) * scale
         radius = rng.uniform(*_RADIUS, num) * scale
@@ -215,6 +229,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
       num_eval: examples in `heldout`.
       image_size: image side in pixels.
       jitter: randomise position and size.
+      radius: the size of unjittered shapes (see `generate`); 0 = the default.
     """
 
     seed: int = 0
@@ -222,6 +237,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_eval: int = 256
     image_size: int = IMAGE_SIZE
     jitter: bool = True
+    radius: float = 0.0
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
@@ -268,8 +284,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int):
         cfg = self.builder_config
         data = generate(
-            num, seed=cfg.seed, split=split, image_size=cfg.image_size, jitter=cfg.jitter
-        )
+            num, seed=cfg.seed, split=split, image_size=cfg.image_size, jitter=cfg.jitter,
+            radius=cfg.radius or None,
+        )  # fmt: skip
         for i in range(num):
             key = f"{split}_{i:06d}"
             yield (
@@ -291,6 +308,7 @@ def build_shapes_dataset(
     num_eval: int = 256,
     image_size: int = IMAGE_SIZE,
     jitter: bool = True,
+    radius: float | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Generates and writes the shapes dataset as TFDS array_record files.
@@ -302,6 +320,7 @@ def build_shapes_dataset(
       num_eval: examples in `heldout`.
       image_size: image side in pixels.
       jitter: randomise position and size.
+      radius: the size of unjittered shapes (see `generate`).
       overwrite: rebuild when it exists (otherwise the saved report comes back, `reused=True`).
 
     Returns:
@@ -310,6 +329,8 @@ def build_shapes_dataset(
       `dataset_dir/build_report.json`.
     """
     name = f"s{seed}_n{num_train}_e{num_eval}_px{image_size}" + ("" if jitter else "_fixed")
+    if radius is not None:
+        name += f"_r{radius:g}".replace(".", "p")
     config = ShapesConfig(
         name=name,
         seed=seed,
@@ -317,6 +338,7 @@ def build_shapes_dataset(
         num_eval=num_eval,
         image_size=image_size,
         jitter=jitter,
+        radius=radius or 0.0,
     )
     builder = Shapes(data_dir=data_dir, config=config)
     dataset_dir = os.fspath(builder.data_dir)
@@ -334,6 +356,7 @@ def build_shapes_dataset(
         "seed": seed,
         "image_size": image_size,
         "jitter": jitter,
+        "radius": radius,
         "num_examples": {"train": num_train, "heldout": num_eval},
         "shapes": list(SHAPES),
         "colors": list(COLORS),
