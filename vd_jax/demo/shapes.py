@@ -45,7 +45,7 @@ PALETTE = np.array(
 # shape's colour is always named before the background's. The Optimus latent binds a colour to
 # its place in the sentence, not to its role: with both orders in the set (e.g. "a blue backdrop
 # with a red circle in it"), image->text and text variation produced the two colours swapped in
-# about a third of their captions (measured, README), because nothing in an image tells which
+# about a quarter of their captions (measured, README), because nothing in an image tells which
 # order a caption would use.
 TEMPLATES = (
     "a {fg} {shape} on a {bg} background",
@@ -247,7 +247,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     `fg`, `bg`, `template`. Splits: `train` and `heldout` (disjoint attribute combinations).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Four templates named the background colour first.",
+        "1.1.0": "Every template names the shape's colour first; `radius` config field.",
+    }
     BUILDER_CONFIGS = []
 
     @tfds.core.utils.classproperty
@@ -314,7 +318,7 @@ def build_shapes_dataset(
     """Generates and writes the shapes dataset as TFDS array_record files.
 
     Args:
-      data_dir: TFDS data dir; the dataset lands in `data_dir/shapes/<config name>/1.0.0`.
+      data_dir: TFDS data dir; the dataset lands in `data_dir/shapes/<config name>/<VERSION>`.
       seed: generator seed.
       num_train: examples in `train`.
       num_eval: examples in `heldout`.
