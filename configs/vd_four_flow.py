@@ -6,7 +6,7 @@ image->text, text variation) on the batch and makes one update from the summed g
   python train.py --config=configs/vd_four_flow.py:res=256 --workdir=/ckpt/vd4 \
       --config.data.name=latent_cache/laion_256 --config.data.data_dir=/data
   python train.py --config=configs/vd_four_flow.py:res=512 --workdir=/ckpt/vd4_512 \
-      --config.init_from=/ckpt/vd4_export  # the 512^2 stage continues from the 256^2 one
+      --config.init_from=/ckpt/vd4  # the 512^2 stage starts from the 256^2 run's EMA
 
 `arg` is 'key=value,...' with keys res (256 | 512) and flows (all | dual | a flow name).
 """
@@ -108,7 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
             clip_vision={},
         )
     )
-    c.init_from = ""  # diffusers folder / original files / exported params to fine-tune from
+    # Fine-tune from: a diffusers VD folder, SHI-Labs' released files, or another vd_jax run's
+    # workdir (its newest checkpoint). Only the parts both diffusers have are taken.
+    c.init_from = ""
+    c.init_from_ema = True  # from a vd_jax run: its EMA params when it kept them
 
     c.data = ml_collections.ConfigDict(dict(source="tfds", name="", data_dir="", kind="latents"))
 

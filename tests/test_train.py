@@ -189,6 +189,67 @@ def test_context_only_raw_sampled_accumulated(tmp_path, jit_cache):
     assert np.isfinite(_losses(tmp_path)[2])
 
 
+def test_init_from_another_run(tmp_path, run_4x2):
+    """A single-flow fine-tune starts from a two-flow run's newest checkpoint (its EMA params):
+    the parts it shares are copied, its optimizer starts fresh, a mismatched model is refused."""
+    from vd_jax import init_from
+
+    src = run_4x2["workdir"]
+    c = tiny.get_config("flows=text_to_image")
+    c.init_from, c.peak_flops = str(src), 1.0
+    trainer = train_lib.Trainer(c, mesh=_one_device())
+    state = jax.device_get(trainer.init_state())
+    ema = jax.device_get(run_4x2["state"]["ema_params"])
+    assert sorted(state["params"]["data"]) == ["image"]  # text_to_image has no text data layers
+    assert sorted(state["params"]["context"]) == ["text"]
+    same = jax.tree.map(
+        np.array_equal,
+        state["params"],
+        {"global": ema["global"], "data": {"image": ema["data"]["image"]},
+         "context": {"text": ema["context"]["text"]}},
+    )  # fmt: skip
+    assert all(jax.tree.leaves(same))
+    assert int(state["step"]) == 0
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
+    assert moments and not any(np.any(x) for x in moments)  # Adam's mu, nu: fresh
+    # Another width: refused before reading, naming a tensor and both shapes.
+    c.model.model_channels *= 2
+    msg = r"do not fit[\s\S]*\['norm'\]\['bias'\]: \(32,\) in the source, \(64,\) here"
+    with pytest.raises(init_from.InitFromError, match=msg):
+        train_lib.Trainer(c, mesh=_one_device()).init_state()
+    c.init_from = str(tmp_path)  # an empty folder: neither a run nor PyTorch weights
+    with pytest.raises(Exception, match="neither a diffusers folder"):
+        train_lib.Trainer(c, mesh=_one_device()).init_state()
+
+
+def test_pretrained_encoders_and_init_from_pytorch(tmp_path, tiny_vd, jit_cache):
+    """Fine-tuning from converted PyTorch weights: the frozen VAE and CLIP towers come from a
+    (tiny random) diffusers VD folder and encode images and captions on the fly, the diffuser
+    starts from the folder's U-Net weights, and training moves them."""
+    import dataclasses
+
+    from vd_jax.loading import load_models
+
+    folder = tiny_vd["folder"]
+    flows = ("text_to_image", "image_variation")
+    m = load_models(folder, flows)
+    c = tiny.get_config("kind=raw,flows=" + "+".join(flows))
+    c.model.update(dataclasses.asdict(m.diffuser_config))
+    c.encoders.update(source="pretrained", folder=folder, text_vae="")
+    c.image_size = m.vae_config.sample_size
+    c.latent_size = m.image_sample_size
+    c.init_from, c.ema_decay = folder, 0.0
+    c.num_steps, c.checkpoint_every, c.peak_flops, c.sample_every = 3, 1000, 1.0, -1
+    out = train_lib.train_and_evaluate(c, str(tmp_path), mesh=_one_device())
+    init = jax.device_get(out["trainer"].init_state()["params"])
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, init, m.diffuser_params)))
+    final = jax.device_get(out["state"]["params"])
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), init, final)
+    assert all(jax.tree.leaves(moved["data"])) and all(jax.tree.leaves(moved["context"]))
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+
+
 # --------------------------------------------------------------------------- kill -9 and resume
 
 

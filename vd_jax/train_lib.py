@@ -22,13 +22,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from vd_jax import init_from
 from vd_jax import sharding as shd
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, write_loss_curve
 from vd_jax.models import unet
-
-# Trainer flow names -> vd_jax.loading's, for reading converted PyTorch weights.
-_LOADING_FLOWS = {"dual_context": "dual_guided"}
+from vd_jax.train_samples import Sampler
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -56,7 +55,7 @@ def maybe_initialize_distributed(config) -> None:
 def _load_models(folder: str, flows: tuple[str, ...]):
     from vd_jax.loading import load_models
 
-    return load_models(folder, [_LOADING_FLOWS.get(f, f) for f in flows])
+    return load_models(folder, init_from.loading_flows(flows))
 
 
 class _PipelineTextVAE:
@@ -228,17 +227,17 @@ class Trainer:
             state = self.load_pretrained(state, self.config.init_from)
         return state
 
-    def load_pretrained(self, state: dict, folder: str) -> dict:
-        """Replaces the diffuser parts found in converted PyTorch weights (fine-tuning)."""
-        loaded = _load_models(folder, self.flows).diffuser_params
-        params = dict(state["params"])
-        for top, sub in params.items():
-            if top == "global" and "global" in loaded:
-                params[top] = loaded["global"]
-            elif top in loaded:
-                params[top] = {t: loaded[top].get(t, v) for t, v in sub.items()}
-        params = jax.device_put(params, self.state_sh["params"])
+    def load_pretrained(self, state: dict, source: str) -> dict:
+        """Fresh state with the diffuser parts `source` has put in (vd_jax.init_from)."""
+        abstract = self.abstract_state["params"]
+        loaded = init_from.load(
+            source, abstract, self.state_sh["params"], self.flows,
+            prefer_ema=self.config.get("init_from_ema", True),
+        )  # fmt: skip
+        logging.info("init_from %s: took %s", source, init_from.describe(loaded))
+        params = init_from.graft(state["params"], loaded)
         ema = params if self.config.ema_decay > 0 else state["ema_params"]
+        # The optimizer state of fresh params is zeros whatever the values: it stays valid.
         return {**state, "params": params, "ema_params": ema}
 
     def global_batch(self, host_batch: dict) -> dict:
@@ -347,158 +346,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-# --------------------------------------------------------------------------- sample grids
-
-
-def make_flow_sampler(
-    model: unet.VDDiffuser,
-    vae,
-    flow: str,
-    *,
-    num: int,
-    latent_size: int,
-    steps: int,
-    guidance_scale: float,
-    dual_ratio: float = 0.5,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-):
-    """`run(params, frozen, inputs, rng)`: DDIM with classifier-free guidance for one flow.
-
-    `inputs` holds `{ctype}_context` [num, L, D] for each of the flow's context types,
-    `frozen` the unconditional contexts (`uncond_text`, `uncond_image`) and, for image
-    flows, the VAE params (`vae`). Image flows return decoded images in [0, 1], text flows
-    the sampled text latents. Conditional and unconditional halves run as one batch.
-    """
-    from vd_jax.diffusion import ddim
-    from vd_jax.diffusion.schedules import NoiseSchedule
-    from vd_jax.models.vae import decode_latents
-
-    xtype, ctypes = ts.FLOWS[flow]
-    schedule = NoiseSchedule(prediction_type=prediction_type)
-    tables = ddim.ddim_tables(schedule, steps)
-    dcfg = model.config
-    ratios = None if len(ctypes) == 1 else (dual_ratio, 1.0 - dual_ratio)
-    if xtype == "image":
-        shape = (num, latent_size, latent_size, dcfg.image_in_channels)
-    else:
-        shape = (num, dcfg.text_dim)
-
-    def run(params, frozen, inputs, rng):
-        k_init, k_eta = jax.random.split(rng)
-        x = jax.random.normal(k_init, shape, jnp.float32)
-        ctx = []
-        for c in ctypes:
-            cond = inputs[f"{c}_context"]
-            unc = jnp.broadcast_to(frozen[f"uncond_{c}"].astype(cond.dtype), cond.shape)
-            ctx.append(jnp.concatenate([unc, cond]))
-
-        def model_fn(xt, t):
-            eps = model.apply(
-                {"params": params},
-                jnp.concatenate([xt, xt]),
-                jnp.concatenate([t, t]),
-                ctx,
-                xtype=xtype,
-                ctypes=ctypes,
-                ratios=ratios,
-            ).astype(jnp.float32)
-            e_u, e_c = jnp.split(eps, 2)
-            return ddim.classifier_free_guidance(e_u, e_c, guidance_scale)
-
-        x0 = ddim.sample_loop(model_fn, x, tables, schedule, eta=eta, rng=k_eta)
-        if xtype == "image":
-            return decode_latents(vae, frozen["vae"], x0)
-        return x0
-
-    return run
-
-
-class Sampler:
-    """DDIM samples of every trained flow from fixed inputs (the data's first examples).
-
-    Image flows are decoded by the frozen VAE and saved as PNG grids
-    (`workdir/samples/{flow}_{step}.png`, and on TensorBoard's Images tab); text flows log
-    latent statistics and, when the text VAE can decode, the sentences (`.txt`).
-    """
-
-    def __init__(self, trainer: Trainer, workdir: str, writer: MetricsWriter):
-        self.trainer, self.writer, self.config = trainer, writer, trainer.config
-        self.dir = os.path.join(workdir, "samples")
-        n = self.config.num_samples
-        # The same inputs on every host: host 0's view of the stream's first batch.
-        it = make_iterator(self.config, process_index=0, process_count=1)
-        host = {k: v[:n] for k, v in next(it).items()}
-        self.captions = [str(c) for c in host.get("caption", [])]
-        local = trainer.encoders.host_prepare(host, trainer.needed)
-        rep = trainer.rep
-        batch = {
-            k: jax.make_array_from_callback(v.shape, rep, lambda idx, v=v: v[idx])
-            for k, v in local.items()
-        }
-        encode = jax.jit(
-            lambda f, b: trainer.encoders.encode(f, b, jax.random.key(0), trainer.needed)[0],
-            out_shardings=rep,
-        )
-        self.inputs = encode(trainer.frozen, batch)
-        self._fns: dict[str, Any] = {}
-
-    def _fn(self, flow: str):
-        tr, cfg = self.trainer, self.config
-        return jax.jit(
-            make_flow_sampler(
-                tr.model, tr.encoders.vae, flow, num=cfg.num_samples, latent_size=cfg.latent_size,
-                steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                dual_ratio=cfg.dual_ratio, prediction_type=cfg.get("prediction_type", "epsilon"),
-            ),
-            out_shardings=tr.rep,
-        )  # fmt: skip
-
-    def __call__(self, state: dict, step: int) -> None:
-        params = state["ema_params"] or state["params"]
-        rng = jax.random.key(self.config.seed + 17)
-        for flow in self.trainer.flows:
-            if flow not in self._fns:
-                self._fns[flow] = self._fn(flow)
-            out = np.asarray(jax.device_get(self._fns[flow](params, self.trainer.frozen,
-                                                             self.inputs, rng)))  # fmt: skip
-            if not self.writer.enabled:
-                continue
-            os.makedirs(self.dir, exist_ok=True)
-            base = os.path.join(self.dir, f"{flow}_{step:07d}")
-            if ts.FLOWS[flow][0] == "image":
-                grid = image_grid(out)
-                from PIL import Image
-
-                Image.fromarray(grid).save(base + ".png")
-                self.writer.write_image(step, f"samples/{flow}", grid)
-            else:
-                self.writer.write_scalars(
-                    step,
-                    {f"samples/{flow}/mean": out.mean(), f"samples/{flow}/std": out.std()},
-                    jsonl=False,
-                )
-                # Hook: real sentences once the Optimus text VAE is wired as `text_vae`.
-                text_vae = self.trainer.encoders.text_vae
-                lines = text_vae.decode(out) if hasattr(text_vae, "decode") else []
-                with open(base + ".txt", "w") as f:
-                    for src, line in zip(self.captions, lines, strict=False):
-                        f.write(f"{src}\t->\t{line}\n")
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] floats in [0, 1] -> one uint8 grid, ceil(sqrt(N)) columns, 2 px gaps."""
-    n, h, w, _ = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        y, x = 2 + r * (h + 2), 2 + c * (w + 2)
-        grid[y : y + h, x : x + w] = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-    return grid
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -535,7 +382,10 @@ def train_and_evaluate(config, workdir: str, mesh: jax.sharding.Mesh | None = No
     writer = MetricsWriter(workdir, enabled=pid == 0, resume_step=start)
     peak = config.peak_flops or (measure_peak_flops() if config.log_every else 0.0)
     preempt = _Preemption()
-    sampler = Sampler(trainer, workdir, writer) if config.sample_every >= 0 else None
+    sampler = None
+    if config.sample_every >= 0:
+        first = next(make_iterator(config, process_index=0, process_count=1))
+        sampler = Sampler(trainer, workdir, writer, first)
 
     bar = tqdm(total=config.num_steps, initial=start, disable=pid != 0, desc="train")
     t_last, steps_since, preempted = time.perf_counter(), 0, False

@@ -54,7 +54,7 @@ def _partners(shape: np.ndarray) -> np.ndarray:
 
 def evaluate_flows(config, trainer, params: Any, enc, held: dict) -> tuple[dict, dict]:
     """Samples every flow on held-out inputs; returns (scores per flow, grid examples)."""
-    from vd_jax.train_lib import make_flow_sampler
+    from vd_jax.train_samples import make_flow_sampler
 
     e = config.eval
     n = min(int(e.num), len(held["caption"]))
