@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from vd_jax.demo import pretrain, shapes
+from vd_jax.demo import pretrain, pretrain_clip, shapes
 
 
 def main():
@@ -48,10 +48,10 @@ def main():
         print("optimus", json.dumps(out["optimus"]), flush=True)
     if "clip" in which:
         if a.clip_random:
-            r = pretrain.train_clip(train, eval_data=held, steps=0)
+            r = pretrain_clip.train_clip(train, eval_data=held, steps=0)
             out["clip_random"] = r.metrics
             print("clip_random", json.dumps(r.metrics), flush=True)
-        r = pretrain.train_clip(train, eval_data=held, steps=steps(200))
+        r = pretrain_clip.train_clip(train, eval_data=held, steps=steps(200))
         out["clip"] = {k: v for k, v in r.metrics.items() if k != "history"}
         print("clip", json.dumps(out["clip"]), flush=True)
     if a.json:

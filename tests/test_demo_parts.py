@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from vd_jax.demo import attributes, pretrain, shapes
+from vd_jax.demo import attributes, pretrain, pretrain_clip, shapes
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +143,15 @@ def test_optimus_pretraining_lowers_loss(train_data):
 
 
 def test_clip_pretraining_lowers_loss(train_data):
-    configs = pretrain.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
-    r = pretrain.train_clip(train_data, configs, steps=12, batch_size=16, lr=3e-3)
+    configs = pretrain_clip.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
+    r = pretrain_clip.train_clip(train_data, configs, steps=12, batch_size=16, lr=3e-3)
     _falls(r.metrics)
-    acc = pretrain.clip_retrieval_accuracy(r.config, r.params, shapes.generate(8, seed=0))
+    acc = pretrain_clip.clip_retrieval_accuracy(r.config, r.params, shapes.generate(8, seed=0))
     assert 0.0 <= acc["all"] <= acc["among_split"] <= 1.0
 
 
 def test_clip_shape_group_batches_hold_one_colour_pair_in_every_shape(train_data):
-    sample = pretrain._shape_group_sampler(train_data, 16)
+    sample = pretrain_clip._shape_group_sampler(train_data, 16)
     rng = np.random.default_rng(0)
     for _ in range(20):
         idx = sample(rng)
@@ -167,8 +167,8 @@ def test_clip_shape_group_batches_hold_one_colour_pair_in_every_shape(train_data
             if (f, b) == first
         }
         assert sorted(int(train_data["shape"][i]) for i in group[: len(have)]) == sorted(have)
-    configs = pretrain.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
-    r = pretrain.train_clip(
+    configs = pretrain_clip.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
+    r = pretrain_clip.train_clip(
         train_data, configs, steps=12, batch_size=16, lr=3e-3, shape_groups=True
     )
     _falls(r.metrics)

@@ -100,7 +100,8 @@ class DemoEncoders:
 
     def text_contexts(self, captions: Sequence[str]) -> np.ndarray:
         """CLIP text contexts (VD's: all tokens / |projected EOS|) of captions."""
-        from vd_jax.demo.pretrain import _batched, clip_token_ids
+        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain_clip import clip_token_ids
 
         ids = clip_token_ids(captions, self.text_length)
         model = CLIPTextEncoder(self.clip_text_config)
@@ -109,7 +110,8 @@ class DemoEncoders:
 
     def image_contexts(self, images: np.ndarray) -> np.ndarray:
         """CLIP image contexts (post-LN + projection of all tokens / |projected CLS|)."""
-        from vd_jax.demo.pretrain import _batched, clip_pixels
+        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain_clip import clip_pixels
 
         model = CLIPVisionEncoder(self.clip_vision_config)
         fn = self._jit(
@@ -202,7 +204,7 @@ class DemoTextVAE:
 
 def frozen_encoders(folder: str, context_dim: int):
     """The trainer's `FrozenEncoders` of a saved demo folder (uncond contexts included)."""
-    from vd_jax.demo.pretrain import clip_tokenizer
+    from vd_jax.demo.pretrain_clip import clip_tokenizer
     from vd_jax.train_step import FrozenEncoders
 
     enc = DemoEncoders.load(folder)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vd_jax.demo import evaluate, pretrain, shapes
+from vd_jax.demo import evaluate, pretrain, pretrain_clip, shapes
 from vd_jax.demo.encoders import DemoEncoders
 from vd_jax.metrics_writer import MetricsWriter
 from vd_jax.sharding import make_mesh
@@ -73,11 +73,11 @@ def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEnc
     )  # fmt: skip
     clock.stage("optimus", t0)
     t0 = time.perf_counter()
-    clip_cfgs = pretrain.tiny_clip_configs(
+    clip_cfgs = pretrain_clip.tiny_clip_configs(
         c.data.image_size, hidden=c.clip.hidden, layers=c.clip.layers,
         projection_dim=c.clip.projection_dim, patch_size=c.clip.patch_size,
     )  # fmt: skip
-    clip = pretrain.train_clip(
+    clip = pretrain_clip.train_clip(
         train, clip_cfgs, eval_data=held, steps=c.clip.steps, batch_size=c.clip.batch_size,
         lr=c.clip.lr, seed=c.seed, shape_groups=c.clip.shape_groups,
     )  # fmt: skip
