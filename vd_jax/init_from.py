@@ -19,6 +19,7 @@ before anything is read. Optimizer state, step and data position always start fr
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -29,9 +30,13 @@ import orbax.checkpoint as ocp
 _LOADING_FLOWS = {"dual_context": "dual_guided"}
 
 
-def loading_flows(flows) -> list[str]:
-    """The trainer's flow names as `vd_jax.loading.load_models` spells them."""
-    return [_LOADING_FLOWS.get(f, f) for f in flows]
+@functools.lru_cache(maxsize=2)
+def pytorch_models(folder: str, flows: tuple[str, ...]):
+    """`vd_jax.loading.load_models` for the trainer's flows, cached: a fine-tune usually takes
+    its frozen encoders and its starting diffuser from the same folder, read once."""
+    from vd_jax.loading import load_models
+
+    return load_models(folder, [_LOADING_FLOWS.get(f, f) for f in flows])
 
 
 class InitFromError(ValueError):
@@ -121,9 +126,7 @@ def _from_run(ckpt_dir: str, abstract: dict, shardings: dict, prefer_ema: bool) 
 
 
 def _from_pytorch(folder: str, abstract: dict, shardings: dict, flows) -> dict:
-    from vd_jax.loading import load_models
-
-    loaded = load_models(folder, loading_flows(flows)).diffuser_params
+    loaded = pytorch_models(folder, tuple(flows)).diffuser_params
     wanted = _parts(abstract, loaded)
     _check_shapes(wanted, loaded, folder)
     return jax.device_put(_parts(loaded, wanted), _parts(shardings, wanted))

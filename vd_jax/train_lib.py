@@ -51,13 +51,6 @@ def maybe_initialize_distributed(config) -> None:
 # --------------------------------------------------------------------------- encoders, data
 
 
-@functools.lru_cache(maxsize=2)
-def _load_models(folder: str, flows: tuple[str, ...]):
-    from vd_jax.loading import load_models
-
-    return load_models(folder, init_from.loading_flows(flows))
-
-
 class _PipelineTextVAE:
     """Optimus through VDPipeline: the pluggable `text_vae` for pretrained folders."""
 
@@ -89,7 +82,7 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> ts.FrozenE
     enc = ts.FrozenEncoders(params={})
     k_vae, k_text, k_vis = jax.random.split(rng, 3)
     if e.source == "pretrained":
-        m = _load_models(e.folder, flows)
+        m = init_from.pytorch_models(e.folder, tuple(flows))
         enc.vae, enc.params["vae"] = AutoencoderKL(m.vae_config), m.vae_params
         if m.text_config is not None:
             enc.clip_text, enc.tokenizer = CLIPTextEncoder(m.text_config), m.tokenizer
