@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.layers import LayerNorm, attention, dense
+from vd_jax.nn.attention import attention
+from vd_jax.nn.layers import LayerNorm, dense
 
 Dtype = Any
 

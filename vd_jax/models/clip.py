@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.layers import LayerNorm, attention, conv2d, dense
+from vd_jax.nn.attention import attention
+from vd_jax.nn.layers import LayerNorm, conv2d, dense
 
 Dtype = Any
 

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from vd_jax.models.bert import activation, pick_fields
-from vd_jax.nn.layers import LayerNorm, attention, dense
+from vd_jax.nn.attention import attention
+from vd_jax.nn.layers import LayerNorm, dense
 
 Dtype = Any
 # {"k": per-layer [B, S, C], "v": per-layer [B, S, C], "emb": [B, C], "index": int32 []}.

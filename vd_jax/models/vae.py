@@ -27,12 +27,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vd_jax.nn.attention import attention
 from vd_jax.nn.layers import (
     Downsample2D,
     GroupNorm,
     ResnetBlock2D,
     Upsample2D,
-    attention,
     conv2d,
     dense,
 )

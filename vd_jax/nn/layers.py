@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vd_jax.nn.attention import attention
+
 Dtype = Any
 
 
@@ -120,29 +122,6 @@ def dense(
     name: str | None = None,
 ) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Array | None = None
-) -> jax.Array:
-    """Multi-head scaled dot-product attention on [B, L, H*D] projections.
-
-    Softmax runs in float32 whatever the compute dtype; `mask` ([B, 1|H, Lq, Lk]
-    booleans, True = attend) is optional.
-    """
-    b, lq, inner = q.shape
-    d = inner // heads
-    split = lambda x: x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)  # [B, H, L, D]
-    q, k, v = split(q), split(k), split(v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    # Without the barrier XLA:CPU fuses the softmax into the next dot's operand and
-    # recomputes it per output element: 5x slower self-attention at 256 tokens.
-    weights = jax.lax.optimization_barrier(weights)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 class Attention(nn.Module):
