@@ -68,21 +68,21 @@ class DemoEncoders:
 
     def image_latents(self, images: np.ndarray) -> np.ndarray:
         """uint8 images -> scaled VAE posterior means (the diffuser's image latents)."""
-        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain import batched
         from vd_jax.models.vae import encode_images
 
         model = AutoencoderKL(self.vae_config)
         fn = self._jit("vae_enc", lambda p, x: encode_images(model, p, x.astype(jnp.float32) / 255))
-        return np.concatenate(_batched(lambda x: np.asarray(fn(self.vae, x)), images))
+        return np.concatenate(batched(lambda x: np.asarray(fn(self.vae, x)), images))
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Scaled image latents -> float images in [0, 1]."""
-        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain import batched
         from vd_jax.models.vae import decode_latents
 
         model = AutoencoderKL(self.vae_config)
         fn = self._jit("vae_dec", lambda p, z: decode_latents(model, p, z))
-        return np.concatenate(_batched(lambda z: np.asarray(fn(self.vae, z)), latents))
+        return np.concatenate(batched(lambda z: np.asarray(fn(self.vae, z)), latents))
 
     def text_latents(self, captions: Sequence[str]) -> np.ndarray:
         """Captions -> scaled Optimus posterior means (the diffuser's text latents)."""
@@ -100,24 +100,24 @@ class DemoEncoders:
 
     def text_contexts(self, captions: Sequence[str]) -> np.ndarray:
         """CLIP text contexts (VD's: all tokens / |projected EOS|) of captions."""
-        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain import batched
         from vd_jax.demo.pretrain_clip import clip_token_ids
 
         ids = clip_token_ids(captions, self.text_length)
         model = CLIPTextEncoder(self.clip_text_config)
         fn = self._jit("clip_text", lambda p, i: model.apply({"params": p}, i, method="context"))
-        return np.concatenate(_batched(lambda i: np.asarray(fn(self.clip["text"], i)), ids))
+        return np.concatenate(batched(lambda i: np.asarray(fn(self.clip["text"], i)), ids))
 
     def image_contexts(self, images: np.ndarray) -> np.ndarray:
         """CLIP image contexts (post-LN + projection of all tokens / |projected CLS|)."""
-        from vd_jax.demo.pretrain import _batched
+        from vd_jax.demo.pretrain import batched
         from vd_jax.demo.pretrain_clip import clip_pixels
 
         model = CLIPVisionEncoder(self.clip_vision_config)
         fn = self._jit(
             "clip_vision", lambda p, x: model.apply({"params": p}, clip_pixels(x), method="context")
         )
-        return np.concatenate(_batched(lambda x: np.asarray(fn(self.clip["vision"], x)), images))
+        return np.concatenate(batched(lambda x: np.asarray(fn(self.clip["vision"], x)), images))
 
     def encode_batch(self, batch: dict) -> dict[str, np.ndarray]:
         """A data batch (`image`, `caption`) -> every cached diffuser input of the four flows."""

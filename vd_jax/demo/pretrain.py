@@ -94,7 +94,7 @@ def tiny_optimus_configs(
 # ----------------------------------------------------------------------------- training loop
 
 
-def _fit(
+def fit(
     loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
     params: Any,
     data: dict[str, np.ndarray],
@@ -161,7 +161,7 @@ def _truth(data: dict[str, np.ndarray]) -> list[dict[str, str]]:
     ]
 
 
-def _batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 256) -> list:
+def batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 256) -> list:
     return [fn(x[i : i + batch]) for i in range(0, len(x), batch)]
 
 
@@ -174,7 +174,7 @@ def vae_reconstruct(config: VAEConfig, params: Any, images: np.ndarray) -> np.nd
     fn = jax.jit(
         lambda p, x: decode_latents(model, p, encode_images(model, p, x.astype(jnp.float32) / 255))
     )
-    return np.concatenate(_batched(lambda x: np.asarray(fn(params, x)), images))
+    return np.concatenate(batched(lambda x: np.asarray(fn(params, x)), images))
 
 
 def vae_attribute_accuracy(
@@ -229,7 +229,7 @@ def train_vae(
         kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
         return mse + l1 + kl_weight * kl, {"mse": mse, "kl": kl}
 
-    params, metrics = _fit(
+    params, metrics = fit(
         loss_fn,
         params,
         {"image": images},
@@ -242,7 +242,7 @@ def train_vae(
     # Latent scale: SD's recipe, 1 / std of the (unscaled) posterior means of training images.
     sample = images[: min(len(images), 512)]
     z = np.concatenate(
-        _batched(lambda x: np.asarray(encode_images(model, params, x / 255.0)), sample)
+        batched(lambda x: np.asarray(encode_images(model, params, x / 255.0)), sample)
     )
     std = float(z.std())
     config = dataclasses.replace(config, scaling_factor=1.0 / std)
@@ -392,7 +392,7 @@ def train_optimus(
         kl = 0.5 * jnp.mean(jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
         return ce + beta * kl, {"ce": ce, "kl": kl}
 
-    params, metrics = _fit(
+    params, metrics = fit(
         loss_fn,
         params,
         inputs,

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from vd_jax.demo import shapes
-from vd_jax.demo.pretrain import TEXT_LENGTH, Trained, _batched, _fit
+from vd_jax.demo.pretrain import TEXT_LENGTH, Trained, batched, fit
 from vd_jax.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
 
@@ -89,11 +89,11 @@ def clip_embeddings(
                 "image_embeds"
             ]
         )
-        out = np.concatenate(_batched(lambda x: np.asarray(fn(params["vision"], x)), images))
+        out = np.concatenate(batched(lambda x: np.asarray(fn(params["vision"], x)), images))
     else:
         fn = jax.jit(lambda p, i: CLIPTextEncoder(text_cfg).apply({"params": p}, i)["text_embeds"])
         ids = clip_token_ids(captions, text_cfg.max_position_embeddings)
-        out = np.concatenate(_batched(lambda i: np.asarray(fn(params["text"], i)), ids))
+        out = np.concatenate(batched(lambda i: np.asarray(fn(params["text"], i)), ids))
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 
@@ -219,7 +219,7 @@ def train_clip(
         return loss, {"logit_scale": params["logit_scale"]}
 
     if steps:
-        params, metrics = _fit(
+        params, metrics = fit(
             loss_fn,
             params,
             data,
