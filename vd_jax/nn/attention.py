@@ -9,12 +9,12 @@ narrow (the diffuser's self-attention: 256 tokens x 8 heads of 8 channels, batch
 * the softmax VJP's row sums run over [L, L] (`Σₖ w·dw`) where `g · out` over [L, D]
   gives the same numbers.
 
-The VJP below avoids all three and keeps no [L, L] tensor between the passes: the backward
-recomputes the weights from per-row statistics (memory O(L) per query, as flash attention
-does). On CPU both passes also run over chunks of the batch·heads axis (`lax.map`) so that
-a chunk's logits stay in cache. Measured fwd+bwd of that self-attention on a 2-core CPU:
-35 ms with autodiff, 11 ms here (PyTorch's SDPA: 17 ms); a training step of bench's
-"small" U-Net 0.62 s -> 0.51 s.
+The VJP below avoids all three and keeps no [L, L] weights between the passes: the backward
+recomputes them from per-row statistics (memory O(L) per query, as flash attention does;
+only a given mask is kept). On CPU both passes also run over chunks of the batch·heads axis
+(`lax.map`), which bounds the logits alive at once. Measured fwd+bwd of that self-attention
+on a 2-core CPU: 35 ms with autodiff, 11 ms here (PyTorch's SDPA: 17 ms); a training step
+of bench's "small" U-Net 0.60 s -> 0.49 s (bench/train_speed.py, same hour).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# f32 logits per chunk on CPU: 4 MiB was the fastest of 2 / 4 / 8 MiB / unchunked at 256
-# tokens; accelerators take the whole batch at once (a sequential map only serialises).
+# f32 logits per chunk on CPU: at 256 tokens 4 MiB ran as fast as 2 MiB or unchunked (within
+# noise) and 8 MiB slower, and it bounds the live logits; accelerators take the whole batch
+# at once (a sequential map only serialises).
 CPU_CHUNK_BYTES = 4 * 2**20
 
 
