@@ -69,7 +69,7 @@ def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEnc
     )
     optimus = pretrain.train_optimus(
         train, opt_cfgs, eval_data=held, steps=c.optimus.steps,
-        batch_size=c.optimus.batch_size, lr=c.optimus.lr, seed=c.seed,
+        batch_size=c.optimus.batch_size, lr=c.optimus.lr, beta=c.optimus.beta, seed=c.seed,
     )  # fmt: skip
     clock.stage("optimus", t0)
     t0 = time.perf_counter()
