@@ -58,6 +58,8 @@ def test_demo_runs_end_to_end_and_beats_chance(ci_run):
     assert set(stages) >= {"data", "vae", "optimus", "clip", "cache", "vd_train", "eval", "total"}
     assert saved["encoders"]["clip"]["mode"] == "trained"
     assert saved["encoders"]["clip"]["steps"] == config.clip.steps > 0
+    # The demo's KL weight differs from train_optimus' default: it must reach the trainer.
+    assert saved["encoders"]["optimus"]["beta"] == config.optimus.beta
     with Image.open(workdir / "demo_grid.png") as im:
         assert im.width >= 150 + 6 * 100 and im.height > 5 * 100
     rows = [json.loads(x) for x in (workdir / "vd" / "metrics.jsonl").read_text().splitlines()]

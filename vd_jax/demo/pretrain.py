@@ -349,8 +349,8 @@ def train_optimus(
         whole caption, the KL only keeps its scale near N(0, 1) for the diffuser.
 
     Returns:
-      `Trained({"encoder": ..., "decoder": ...}, configs, metrics)`; metrics include the latent
-      std of training captions.
+      `Trained({"encoder": ..., "decoder": ...}, configs, metrics)`; metrics include the KL
+      weight and the latent std of training captions.
     """
     bert, gpt2 = configs or tiny_optimus_configs()
     captions = [str(c) for c in train["caption"]]
@@ -402,6 +402,7 @@ def train_optimus(
         seed=seed,
         desc="Optimus",
     )
+    metrics["beta"] = beta
     metrics["latent_std"] = float(optimus_encode(bert, params["encoder"], captions[:512]).std())
     if eval_data is not None:
         t = time.perf_counter()
