@@ -35,13 +35,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def flows_config(names, loss_weights=None) -> ml_collections.ConfigDict:
-    """Per flow: sampling `weight` ('sample' mode), `loss_weight` and per-group `grad_scales`."""
+    """Per flow: sampling `weight` ('sample' mode), `loss_weight`, `batch_fraction` (1/k: the
+    flow trains on every k-th example of each batch) and per-group `grad_scales`."""
     loss_weights = loss_weights or {}
     return ml_collections.ConfigDict(
         {
             n: dict(
                 weight=1.0,
                 loss_weight=float(loss_weights.get(n, 1.0)),
+                batch_fraction=1.0,
                 grad_scales={"global": 1.0, "data": 1.0, "context": 1.0},
             )
             for n in names

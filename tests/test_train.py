@@ -21,6 +21,7 @@ from vd_jax import sharding as shd
 from vd_jax import train_lib
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, read_tfrecords
+from vd_jax.models import unet
 
 REPO = Path(__file__).resolve().parents[1]
 # Two flows cover both data types and both context types at half the compile time of five.
@@ -135,6 +136,46 @@ def test_config_and_pieces():
               "context": {"text": {"w": np.zeros((2, 2))}}}  # fmt: skip
     assert ts.labels(params, c) == {"global": {"w": "frozen"}, "data": {"image": {"w": "frozen"}},
                                     "context": {"text": {"w": "context"}}}  # fmt: skip
+
+
+def test_batch_fraction_trains_a_flow_on_every_kth_example():
+    """`flows.<f>.batch_fraction` = 1/k: that flow's loss is the loss on examples ::k (same
+    draws), the other flow still sees the whole batch; fractions not 1/k, or a device batch
+    that 1/k does not split, are refused."""
+    c = _config(10)
+    cfg = ts.diffuser_config(c)
+    model = unet.VDDiffuser(cfg)
+    params = model.init(jax.random.key(0), ts.param_parts(ts.trained_flows(c)),
+                        method=unet.VDDiffuser.init_parts)["params"]  # fmt: skip
+    r = np.random.default_rng(0)
+    b, ls = 4, c.latent_size
+    inputs = {
+        "image_latent": r.normal(size=(b, ls, ls, cfg.image_in_channels)),
+        "text_latent": r.normal(size=(b, cfg.text_dim)),
+        "text_context": r.normal(size=(b, 3, cfg.context_dim)),
+        "image_context": r.normal(size=(b, 5, cfg.context_dim)),
+    }
+    inputs = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    uncond = {"text": jnp.zeros((3, cfg.context_dim)), "image": jnp.zeros((5, cfg.context_dim))}
+    flows, rng = ts.trained_flows(c), jax.random.key(3)
+    _, whole = ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+    c.flows.text_to_image.batch_fraction = 0.5
+    _, strided = ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+    c.flows.text_to_image.batch_fraction = 1.0
+    half = {k: v[::2] for k, v in inputs.items()}
+    _, on_half = ts.total_loss(model, params, half, uncond, rng, flows, c)
+    np.testing.assert_allclose(strided["loss/text_to_image"], on_half["loss/text_to_image"],
+                               rtol=1e-6)  # fmt: skip
+    assert abs(float(strided["loss/text_to_image"] - whole["loss/text_to_image"])) > 1e-4
+    np.testing.assert_allclose(strided["loss/image_to_text"], whole["loss/image_to_text"],
+                               rtol=1e-6)  # fmt: skip
+    c.flows.text_to_image.batch_fraction = 0.3
+    with pytest.raises(ValueError, match=r"text_to_image.batch_fraction must be 1/k"):
+        ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+    c.flows.text_to_image.batch_fraction = 0.25
+    ts.check_batch_fractions(c, per_device=8)
+    with pytest.raises(ValueError, match=r"each device's batch \(6 examples"):
+        ts.check_batch_fractions(c, per_device=6)
 
 
 def test_optimizer_steps_by_lr_with_decoupled_decay():

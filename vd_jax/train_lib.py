@@ -181,6 +181,9 @@ class Trainer:
         self.mesh = mesh or shd.make_mesh(config.mesh_shape)
         if config.batch_size % self.mesh.size:
             raise ValueError(f"batch {config.batch_size} is not divisible by {self.mesh.size}")
+        ts.check_batch_fractions(
+            config, config.batch_size // self.mesh.size // int(config.optim.grad_accum_steps)
+        )
         self.dcfg = ts.diffuser_config(config)
         self.model = unet.VDDiffuser(self.dcfg, dtype=jnp.dtype(config.dtype))
         rng = jax.random.key(config.seed)

@@ -290,12 +290,42 @@ def _flow_params(params: Any, flow: str, config) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def example_stride(config, flow: str) -> int:
+    """k where the flow trains on every k-th example of a batch (`batch_fraction` = 1/k)."""
+    frac = float(config.flows[flow].get("batch_fraction", 1.0))
+    k = round(1.0 / frac) if frac > 0 else 0
+    if not 0.0 < frac <= 1.0 or abs(k * frac - 1.0) > 1e-6:
+        raise ValueError(
+            f"flows.{flow}.batch_fraction must be 1/k for a whole k >= 1 (1, 0.5, 0.25, ...), "
+            f"got {frac}"
+        )
+    return k
+
+
+def check_batch_fractions(config, per_device: int) -> None:
+    """Each device's (micro)batch must split evenly, so that every device trains a flow on
+    the same number of its own examples."""
+    for f in trained_flows(config):
+        k = example_stride(config, f)
+        if per_device % k:
+            raise ValueError(
+                f"flows.{f}.batch_fraction = 1/{k} needs each device's batch ({per_device} "
+                f"examples per micro-step) to be divisible by {k}"
+            )
+
+
 def total_loss(model, params, inputs, uncond, rng, flows, config):
-    """Σ_f loss_weight_f · L_f over `flows`; returns (loss, {'loss/<flow>': L_f})."""
+    """Σ_f loss_weight_f · L_f over `flows`; returns (loss, {'loss/<flow>': L_f}).
+
+    A flow with `batch_fraction` 1/k sees every k-th example: a strided slice keeps each
+    device's examples on that device when k divides its share of the batch.
+    """
     total, per_flow = 0.0, {}
     for f in flows:
+        k = example_stride(config, f)
+        flow_inputs = inputs if k == 1 else {n: x[::k] for n, x in inputs.items()}
         loss = flow_loss(
-            model, _flow_params(params, f, config), inputs, uncond,
+            model, _flow_params(params, f, config), flow_inputs, uncond,
             jax.random.fold_in(rng, list(FLOWS).index(f)), f, config,
         )  # fmt: skip
         per_flow[f"loss/{f}"] = loss
