@@ -7,6 +7,7 @@ every stage runs for seconds and the flows must beat chance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,9 +15,9 @@ import pytest
 from PIL import Image
 
 from configs import demo as demo_config
-from vd_jax.demo import evaluate
+from vd_jax.demo import evaluate, shapes
 from vd_jax.demo.attributes import attributes_of
-from vd_jax.demo.encoders import DemoEncoders
+from vd_jax.demo.encoders import DemoEncoders, frozen_encoders
 from vd_jax.demo.run import run_demo
 
 FLOWS = ("text_to_image", "image_variation", "image_to_text", "text_variation", "dual_guided")
@@ -56,6 +57,7 @@ def test_demo_runs_end_to_end_and_beats_chance(ci_run):
     assert saved["vd"]["final_loss"] < saved["vd"]["first_loss"]
     stages = saved["wall_seconds"]
     assert set(stages) >= {"data", "vae", "optimus", "clip", "cache", "vd_train", "eval", "total"}
+    assert saved["machine"]["cpus"] >= 1 and saved["machine"]["matmul_gflops"] > 0
     assert saved["encoders"]["clip"]["mode"] == "trained"
     assert saved["encoders"]["clip"]["steps"] == config.clip.steps > 0
     # The demo's KL weight differs from train_optimus' default: it must reach the trainer.
@@ -89,6 +91,40 @@ def test_encoders_round_trip(tmp_path, ci_run):
     np.testing.assert_array_equal(again.text_latents(captions), enc.text_latents(captions))
     with pytest.raises(FileNotFoundError, match="encoders.json"):
         DemoEncoders.load(str(tmp_path))
+
+
+def test_cls_image_context_reaches_cache_trainer_and_sampler(ci_run):
+    config, workdir, _ = ci_run
+    assert config.clip.image_context == "cls"
+    enc = DemoEncoders.load(str(workdir / "encoders"))
+    assert enc.image_context == "cls"
+    d = config.data
+    report = shapes.build_shapes_dataset(  # the run's dataset, reused
+        str(workdir / "data"), seed=config.seed, num_train=d.num_train, num_eval=d.num_eval,
+        image_size=d.image_size, jitter=d.jitter, radius=d.radius,
+    )  # fmt: skip
+    held = shapes.load_split(report["dataset_dir"], "heldout")
+    images = np.asarray(held["image"][:4])
+    every = dataclasses.replace(enc, image_context="all").image_contexts(images)
+    cls = enc.image_contexts(images)
+    n = enc.clip_vision_config.num_patches
+    assert every.shape == (4, 1 + n, 64) and cls.shape == (4, 1, 64)
+    np.testing.assert_array_equal(cls, every[:, :1])
+    # The trainer's unconditional context and its in-step encoding (data.kind=raw) agree.
+    frozen, _ = frozen_encoders(str(workdir / "encoders"), 64)
+    assert frozen.params["uncond_image"].shape == (1, 1, 64)
+    inputs, _ = frozen.encode(frozen.params, {"image": images / 255.0}, None, {"image_context"})
+    np.testing.assert_allclose(np.asarray(inputs["image_context"]), cls, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="image_context must be one of"):
+        dataclasses.replace(enc, image_context="patches").image_contexts(images)
+
+
+def test_reused_encoders_must_match_the_image_context(ci_run):
+    config, workdir, _ = ci_run
+    other = demo_config.get_config("budget=ci")
+    other.clip.image_context = "all"
+    with pytest.raises(ValueError, match="image contexts of 'cls' tokens"):
+        run_demo(other, str(workdir))
 
 
 def test_dual_partners_differ_in_shape():

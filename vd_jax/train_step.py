@@ -481,6 +481,9 @@ class FrozenEncoders:
     clip_vision: CLIPVisionEncoder | None = None
     tokenizer: Any = None
     text_vae: Any = None  # .encode(list[str]) -> [B, D] numpy; .decode(latents) -> list[str]
+    # Keep only the first N image-context tokens when encoding in the step (None: all; 1: the
+    # CLS token alone, the demo's setting, see vd_jax/demo/encoders.py).
+    image_context_tokens: int | None = None
 
     def host_prepare(self, batch: dict[str, np.ndarray], needed: set[str]) -> dict:
         """Tokenizes / text-VAE-encodes captions where needed; keeps only the step's inputs."""
@@ -521,9 +524,10 @@ class FrozenEncoders:
                 inputs[k] = encode_images(self.vae, frozen["vae"], batch["image"], rng)
             elif k == "image_context":
                 px = self.clip_pixels(batch["image"])
-                inputs[k] = self.clip_vision.apply(
+                ctx = self.clip_vision.apply(
                     {"params": frozen["clip_vision"]}, px, method="context"
                 )
+                inputs[k] = ctx[:, : self.image_context_tokens]
             elif k == "text_context":
                 inputs[k] = self.clip_text.apply(
                     {"params": frozen["clip_text"]}, batch["text_ids"], method="context"

@@ -35,6 +35,7 @@ _CONFIGS = {
     "clip_vision": CLIPVisionConfig,
 }
 _PARAMS = ("vae", "optimus", "clip")
+IMAGE_CONTEXTS = ("all", "cls")
 
 
 @dataclasses.dataclass
@@ -55,6 +56,8 @@ class DemoEncoders:
     clip: Any  # {"text": ..., "vision": ...}
     text_scale: float
     text_length: int
+    # Image-context tokens the diffuser reads: "all" (VD's: CLS + every patch) or "cls".
+    image_context: str = "all"
     metrics: dict = dataclasses.field(default_factory=dict)
     _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -108,8 +111,22 @@ class DemoEncoders:
         fn = self._jit("clip_text", lambda p, i: model.apply({"params": p}, i, method="context"))
         return np.concatenate(batched(lambda i: np.asarray(fn(self.clip["text"], i)), ids))
 
+    @property
+    def image_context_tokens(self) -> int:
+        """How many tokens an image context holds (`image_context`: all, or the CLS alone)."""
+        if self.image_context not in IMAGE_CONTEXTS:
+            raise ValueError(
+                f"image_context must be one of {IMAGE_CONTEXTS}, got {self.image_context!r}"
+            )
+        return 1 if self.image_context == "cls" else self.clip_vision_config.num_patches + 1
+
     def image_contexts(self, images: np.ndarray) -> np.ndarray:
-        """CLIP image contexts (post-LN + projection of all tokens / |projected CLS|)."""
+        """CLIP image contexts (post-LN + projection of the tokens / |projected CLS|).
+
+        With `image_context="cls"` only the CLS token: the contrastive loss trains that one
+        to carry the whole image, while a 2-layer tower's patch tokens stay local (see
+        configs/demo.py).
+        """
         from vd_jax.demo.pretrain import batched
         from vd_jax.demo.pretrain_clip import clip_pixels
 
@@ -117,7 +134,10 @@ class DemoEncoders:
         fn = self._jit(
             "clip_vision", lambda p, x: model.apply({"params": p}, clip_pixels(x), method="context")
         )
-        return np.concatenate(batched(lambda x: np.asarray(fn(self.clip["vision"], x)), images))
+        n = self.image_context_tokens
+        return np.concatenate(
+            batched(lambda x: np.asarray(fn(self.clip["vision"], x)[:, :n]), images)
+        )
 
     def encode_batch(self, batch: dict) -> dict[str, np.ndarray]:
         """A data batch (`image`, `caption`) -> every cached diffuser input of the four flows."""
@@ -147,6 +167,7 @@ class DemoEncoders:
             },
             "text_scale": self.text_scale,
             "text_length": self.text_length,
+            "image_context": self.image_context,
             "metrics": self.metrics,
         }
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
@@ -181,6 +202,7 @@ class DemoEncoders:
             clip=params["clip"],
             text_scale=float(info["text_scale"]),
             text_length=int(info["text_length"]),
+            image_context=info.get("image_context", "all"),
             metrics=info.get("metrics", {}),
         )
 
@@ -221,11 +243,11 @@ def frozen_encoders(folder: str, context_dim: int):
         clip_vision=CLIPVisionEncoder(enc.clip_vision_config),
         tokenizer=_FixedLength(tok, enc.text_length),
         text_vae=DemoTextVAE(enc),
+        image_context_tokens=enc.image_context_tokens,
     )
     # VD's unconditional contexts: CLIP("") for text, zeros for images.
     out.params["uncond_text"] = jnp.asarray(enc.text_contexts([""]), jnp.float32)
-    n_img = enc.clip_vision_config.num_patches + 1
-    out.params["uncond_image"] = jnp.zeros((1, n_img, context_dim), jnp.float32)
+    out.params["uncond_image"] = jnp.zeros((1, enc.image_context_tokens, context_dim), jnp.float32)
     out.params = jax.tree_util.tree_map(jnp.asarray, out.params)
     return out, enc
 

@@ -94,6 +94,7 @@ def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEnc
         clip={"text": clip.params["text"], "vision": clip.params["vision"]},
         text_scale=1.0 / optimus.metrics["latent_std"],
         text_length=pretrain.TEXT_LENGTH,
+        image_context=c.clip.image_context,
         metrics={
             "vae": _strip_history(vae.metrics),
             "optimus": _strip_history(optimus.metrics),
@@ -147,6 +148,12 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     if reuse:
         enc = DemoEncoders.load(enc_dir)
         logging.info("reusing the pre-trained encoders in %s", enc_dir)
+        if enc.image_context != config.clip.image_context:
+            raise ValueError(
+                f"the encoders in {enc_dir} give image contexts of {enc.image_context!r} tokens, "
+                f"the config asks for {config.clip.image_context!r}: use a new workdir "
+                "(or remove its encoders/ folder)"
+            )
     else:
         enc = pretrain_encoders(config, train, held, clock)
         enc.save(enc_dir)
@@ -191,6 +198,11 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
         },
         "heldout_combinations": len(shapes.combinations("heldout")),
         "wall_seconds": {**clock.seconds, "total": clock.total()},
+        # This VM's speed varies ~2x from day to day: the wall times read with this number.
+        "machine": {
+            "cpus": os.cpu_count(),
+            "matmul_gflops": round(train_lib.measure_peak_flops(2048, 5) / 1e9, 1),
+        },
     }
     _write_json(os.path.join(workdir, "eval.json"), out)
     return out
