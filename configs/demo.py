@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # held-out image->text 0.53 -> 0.71 in the full demo.
     # steps 1000: at 600 one dataset seed of three reconstructed held-out captions at 0.91 (the
     # others 1.00 / 0.98), and the text flows cannot beat their decoder; 1000 gives 1.00 on all
-    # three for ~15 s more.
+    # three for 15-20 s more.
     c.optimus = ml_collections.ConfigDict(
         dict(steps=1000, batch_size=64, lr=3e-3, latent_size=64, beta=3e-3, hidden=64, layers=2)
     )

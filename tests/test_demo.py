@@ -99,12 +99,9 @@ def test_cls_image_context_reaches_cache_trainer_and_sampler(ci_run):
     enc = DemoEncoders.load(str(workdir / "encoders"))
     assert enc.image_context == "cls"
     d = config.data
-    report = shapes.build_shapes_dataset(  # the run's dataset, reused
-        str(workdir / "data"), seed=config.seed, num_train=d.num_train, num_eval=d.num_eval,
-        image_size=d.image_size, jitter=d.jitter, radius=d.radius,
-    )  # fmt: skip
-    held = shapes.load_split(report["dataset_dir"], "heldout")
-    images = np.asarray(held["image"][:4])
+    images = shapes.generate(
+        4, seed=0, split="heldout", image_size=d.image_size, jitter=d.jitter, radius=d.radius
+    )["image"]
     every = dataclasses.replace(enc, image_context="all").image_contexts(images)
     cls = enc.image_contexts(images)
     n = enc.clip_vision_config.num_patches
@@ -124,6 +121,9 @@ def test_reused_encoders_must_match_the_image_context(ci_run):
     other = demo_config.get_config("budget=ci")
     other.clip.image_context = "all"
     with pytest.raises(ValueError, match="image contexts of 'cls' tokens"):
+        run_demo(other, str(workdir))
+    other.clip.image_context = "patches"  # rejected before any stage runs
+    with pytest.raises(ValueError, match="image_context must be one of"):
         run_demo(other, str(workdir))
 
 

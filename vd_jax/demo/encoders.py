@@ -38,6 +38,12 @@ _PARAMS = ("vae", "optimus", "clip")
 IMAGE_CONTEXTS = ("all", "cls")
 
 
+def check_image_context(value: str) -> None:
+    """Raises on an `image_context` other than "all" (VD's: CLS + every patch) or "cls"."""
+    if value not in IMAGE_CONTEXTS:
+        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {value!r}")
+
+
 @dataclasses.dataclass
 class DemoEncoders:
     """Configs and params of the demo's three pre-trained (or random, for CLIP) encoders.
@@ -60,6 +66,9 @@ class DemoEncoders:
     image_context: str = "all"
     metrics: dict = dataclasses.field(default_factory=dict)
     _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_image_context(self.image_context)
 
     def _jit(self, name: str, fn):
         """One compiled function per encoder, reused across batches."""
@@ -114,10 +123,6 @@ class DemoEncoders:
     @property
     def image_context_tokens(self) -> int:
         """How many tokens an image context holds (`image_context`: all, or the CLS alone)."""
-        if self.image_context not in IMAGE_CONTEXTS:
-            raise ValueError(
-                f"image_context must be one of {IMAGE_CONTEXTS}, got {self.image_context!r}"
-            )
         return 1 if self.image_context == "cls" else self.clip_vision_config.num_patches + 1
 
     def image_contexts(self, images: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from vd_jax.demo import evaluate, pretrain, pretrain_clip, shapes
-from vd_jax.demo.encoders import DemoEncoders
+from vd_jax.demo.encoders import DemoEncoders, check_image_context
 from vd_jax.metrics_writer import MetricsWriter
 from vd_jax.sharding import make_mesh
 
@@ -130,6 +130,7 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
 
     if jax.process_count() > 1:
         raise ValueError("the demo runs in one process (it is a single-CPU job)")
+    check_image_context(config.clip.image_context)  # before minutes of pre-training
     os.makedirs(workdir, exist_ok=True)
     clock = _Clock()
     t0 = time.perf_counter()
