@@ -60,6 +60,8 @@ def test_demo_runs_end_to_end_and_beats_chance(ci_run):
     assert saved["machine"]["cpus"] >= 1 and saved["machine"]["matmul_gflops"] > 0
     assert saved["encoders"]["clip"]["mode"] == "trained"
     assert saved["encoders"]["clip"]["steps"] == config.clip.steps > 0
+    probe = saved["encoders"]["clip"]["probe_accuracy"]
+    assert set(probe) == {"shape", "fg", "bg", "all"} and 0.0 <= probe["all"] <= 1.0
     # The demo's KL weight differs from train_optimus' default: it must reach the trainer.
     assert saved["encoders"]["optimus"]["beta"] == config.optimus.beta
     with Image.open(workdir / "demo_grid.png") as im:

@@ -148,6 +148,39 @@ def test_clip_pretraining_lowers_loss(train_data):
     _falls(r.metrics)
     acc = pretrain_clip.clip_retrieval_accuracy(r.config, r.params, shapes.generate(8, seed=0))
     assert 0.0 <= acc["all"] <= acc["among_split"] <= 1.0
+    held = shapes.generate(8, seed=0, split="heldout")
+    r = pretrain_clip.train_clip(
+        train_data, configs, eval_data=held, steps=2, batch_size=16, lr=3e-3
+    )
+    assert set(r.metrics["probe_accuracy"]) == {"shape", "fg", "bg", "all"}
+    assert r.metrics["probe_accuracy"] == pretrain_clip.clip_attribute_probe(
+        configs, r.params, train_data, held
+    )
+
+
+def test_linear_probe_reads_compositional_features_on_unseen_combinations():
+    train = {k: np.asarray(v) for k, v in shapes.generate(400, seed=1, split="train").items()}
+    held = {k: np.asarray(v) for k, v in shapes.generate(100, seed=1, split="heldout").items()}
+    keys = ("shape", "fg", "bg")
+    rng = np.random.default_rng(0)
+    # One random direction per attribute value, summed: every attribute linear and independent.
+    codes = {k: rng.normal(size=(8, 24)) for k in keys}
+    additive = lambda d: sum(codes[k][d[k]] for k in keys)  # noqa: E731
+    labels = lambda d: {k: d[k] for k in keys}  # noqa: E731
+    acc = pretrain_clip.linear_probe_accuracy(
+        additive(train), labels(train), additive(held), labels(held)
+    )
+    assert acc == {"shape": 1.0, "fg": 1.0, "bg": 1.0, "all": 1.0}
+    # One random code per whole combination: nothing carries over to unseen combinations.
+    combo = {c: rng.normal(size=24) for c in shapes.combinations()}
+
+    def entangled(d):
+        return np.stack([combo[t] for t in zip(*(d[k] for k in keys), strict=True)])
+
+    acc = pretrain_clip.linear_probe_accuracy(
+        entangled(train), labels(train), entangled(held), labels(held)
+    )
+    assert acc["all"] < 0.3, acc
 
 
 def test_clip_shape_group_batches_hold_one_colour_pair_in_every_shape(train_data):

@@ -49,38 +49,56 @@ def _strip_history(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "history"}
 
 
-def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEncoders:
-    """Trains the image VAE and Optimus on the training split; CLIP stays random or trains."""
+def train_demo_vae(config, train: dict, held: dict) -> pretrain.Trained:
+    """The image VAE of `config.vae`, trained on the training split."""
     c = config
-    t0 = time.perf_counter()
     vae_cfg = pretrain.tiny_vae_config(
         c.data.image_size,
         latent_channels=c.vae.latent_channels,
         block_out_channels=tuple(c.vae.block_out_channels),
     )
-    vae = pretrain.train_vae(
+    return pretrain.train_vae(
         train, vae_cfg, eval_data=held, steps=c.vae.steps, batch_size=c.vae.batch_size,
         lr=c.vae.lr, seed=c.seed,
     )  # fmt: skip
-    clock.stage("vae", t0)
-    t0 = time.perf_counter()
+
+
+def train_demo_optimus(config, train: dict, held: dict) -> pretrain.Trained:
+    """The Optimus text VAE of `config.optimus`, trained on the training split."""
+    c = config
     opt_cfgs = pretrain.tiny_optimus_configs(
         c.optimus.latent_size, hidden=c.optimus.hidden, layers=c.optimus.layers
     )
-    optimus = pretrain.train_optimus(
+    return pretrain.train_optimus(
         train, opt_cfgs, eval_data=held, steps=c.optimus.steps,
         batch_size=c.optimus.batch_size, lr=c.optimus.lr, beta=c.optimus.beta, seed=c.seed,
     )  # fmt: skip
-    clock.stage("optimus", t0)
-    t0 = time.perf_counter()
+
+
+def train_demo_clip(config, train: dict, held: dict) -> pretrain.Trained:
+    """The CLIP towers of `config.clip`, trained contrastively (or random with steps=0)."""
+    c = config
     clip_cfgs = pretrain_clip.tiny_clip_configs(
         c.data.image_size, hidden=c.clip.hidden, layers=c.clip.layers,
         projection_dim=c.clip.projection_dim, patch_size=c.clip.patch_size,
     )  # fmt: skip
-    clip = pretrain_clip.train_clip(
+    return pretrain_clip.train_clip(
         train, clip_cfgs, eval_data=held, steps=c.clip.steps, batch_size=c.clip.batch_size,
         lr=c.clip.lr, seed=c.seed, shape_groups=c.clip.shape_groups,
     )  # fmt: skip
+
+
+def pretrain_encoders(config, train: dict, held: dict, clock: _Clock) -> DemoEncoders:
+    """Trains the image VAE and Optimus on the training split; CLIP stays random or trains."""
+    c = config
+    t0 = time.perf_counter()
+    vae = train_demo_vae(config, train, held)
+    clock.stage("vae", t0)
+    t0 = time.perf_counter()
+    optimus = train_demo_optimus(config, train, held)
+    clock.stage("optimus", t0)
+    t0 = time.perf_counter()
+    clip = train_demo_clip(config, train, held)
     clock.stage("clip", t0)
     bert, gpt2 = optimus.config
     return DemoEncoders(
