@@ -5,7 +5,8 @@ r"""Tiny VD trainer for CPU: all five flows on fake data, a step in well under a
 
 `arg` keys: kind (latents | raw: encode fake images and captions on the fly with tiny random
 VAE / CLIP towers and the fake text VAE), mode (all | sample), flows ('all' or names joined
-by '+', e.g. flows=text_to_image+image_to_text).
+by '+', e.g. flows=text_to_image+image_to_text), levels (2 | 1: U-Net resolution levels; one
+level compiles in about half the time, for runs that test the trainer rather than the model).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from vd_jax.train_step import FLOWS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, kind="latents", mode="all", flows="all")
+    a = parse_arg(arg, kind="latents", mode="all", flows="all", levels=2)
+    if a.levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {a.levels}")
     c = base_config()
     c.num_steps = 20
     c.batch_size = 8
     c.image_size, c.latent_size = 16, 8
     c.model.update(
         model_channels=32,
-        channel_mult=(1, 2),
+        channel_mult=(1, 2)[: a.levels],
         num_res_blocks=1,
-        attention_levels=(True, True),
+        attention_levels=(True,) * a.levels,
         num_heads=4,
         context_dim=32,
         text_dim=24,

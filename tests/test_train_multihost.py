@@ -18,6 +18,7 @@ from vd_jax.metrics_writer import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWS = "text_to_image+image_to_text"
+TINY_ARG = f"flows={FLOWS},levels=1"  # the trainer under test, not the model: one level
 STEPS = 4
 
 
@@ -49,7 +50,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
                 str(i),
                 str(multi),
                 str(STEPS),
-                FLOWS,
+                TINY_ARG,
             ],
             env=env,
             cwd=REPO,
@@ -60,7 +61,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
         for i in range(2)
     ]
     # The single-process reference runs meanwhile (8 devices, same mesh and config).
-    c = tiny.get_config(f"flows={FLOWS}")
+    c = tiny.get_config(TINY_ARG)
     c.num_steps, c.mesh_shape, c.checkpoint_every, c.peak_flops = STEPS, "4,2", 1000, 1.0
     c.sample_every = -1
     train_lib.train_and_evaluate(c, str(tmp_path / "single"))

@@ -1,6 +1,6 @@
 """One process of the two-process training test (tests/test_train_multihost.py).
 
-python tests/train_worker.py PORT PROCESS_ID WORKDIR STEPS FLOWS
+python tests/train_worker.py PORT PROCESS_ID WORKDIR STEPS TINY_ARG
 """
 
 import os
@@ -12,11 +12,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
-    port, pid, workdir, steps, flows = sys.argv[1:6]
+    port, pid, workdir, steps, tiny_arg = sys.argv[1:6]
     from configs import tiny
     from vd_jax import train_lib
 
-    c = tiny.get_config(f"flows={flows}")
+    c = tiny.get_config(tiny_arg)
     c.num_steps, c.mesh_shape = int(steps), "4,2"
     c.checkpoint_every, c.peak_flops, c.sample_every = 1000, 1.0, -1
     c.distributed.update(
