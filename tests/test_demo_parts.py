@@ -142,6 +142,27 @@ def test_optimus_pretraining_lowers_loss(train_data):
     assert 0.0 <= acc["all"] <= 1.0
 
 
+def test_optimus_paraphrase_targets(train_data):
+    """paraphrase_prob: decoder targets are other wordings of the same attribute combination."""
+    data = {k: np.asarray(v) for k, v in shapes.generate(64, seed=3).items()}
+    alt = pretrain.paraphrases(data, seed=0)
+    combos = zip(data["shape"], data["fg"], data["bg"], strict=True)
+    want = [attributes.attributes_of(*t) for t in combos]
+    assert [attributes.read_text_attributes(a) for a in alt] == want
+    reworded = np.mean([a != str(c) for a, c in zip(alt, data["caption"], strict=True)])
+    assert reworded > 0.6  # 7 of 8 templates differ from the caption's own
+    assert alt != pretrain.paraphrases(data, seed=1)
+    with pytest.raises(ValueError, match=r"missing \['bg', 'fg', 'shape'\]"):
+        pretrain.paraphrases({"caption": data["caption"]})
+    configs = pretrain.tiny_optimus_configs(latent_size=8, hidden=32, layers=1)
+    with pytest.raises(ValueError, match="paraphrase_prob must be in"):
+        pretrain.train_optimus(train_data, configs, steps=1, paraphrase_prob=1.5)
+    r = pretrain.train_optimus(
+        train_data, configs, steps=12, batch_size=8, lr=3e-3, paraphrase_prob=0.5
+    )
+    _falls(r.metrics)
+
+
 def test_clip_pretraining_lowers_loss(train_data):
     configs = pretrain_clip.tiny_clip_configs(hidden=32, layers=1, projection_dim=16, patch_size=8)
     r = pretrain_clip.train_clip(train_data, configs, steps=12, batch_size=16, lr=3e-3)

@@ -327,6 +327,20 @@ def optimus_attribute_accuracy(
     return acc
 
 
+def paraphrases(data: dict[str, np.ndarray], seed: int = 0) -> list[str]:
+    """One caption per example in a random template (its own may come up) of the example's
+    (shape, fg, bg) combination."""
+    missing = sorted({"shape", "fg", "bg"} - set(data))
+    if missing:
+        raise ValueError(f"paraphrases need the attribute columns; missing {missing}")
+    rng = np.random.default_rng(seed)
+    n = len(data["shape"])
+    templates = rng.integers(len(shapes.TEMPLATES), size=n)
+    cols = (np.asarray(data[k]) for k in ("shape", "fg", "bg"))
+    return [shapes.caption(int(s), int(f), int(b), int(t))
+            for s, f, b, t in zip(*cols, templates, strict=True)]  # fmt: skip
+
+
 def train_optimus(
     train: dict[str, np.ndarray],
     configs: tuple[BertConfig, GPT2Config] | None = None,
@@ -336,6 +350,7 @@ def train_optimus(
     batch_size: int = 64,
     lr: float = 3e-3,
     beta: float = 1e-3,
+    paraphrase_prob: float = 0.0,
     seed: int = 0,
 ) -> Trained:
     """Trains the Optimus text VAE on `train["caption"]`.
@@ -347,6 +362,9 @@ def train_optimus(
       steps, batch_size, lr, seed: optimisation settings.
       beta: KL weight (per sentence; CE is a per-token mean). Small: the latent must carry the
         whole caption, the KL only keeps its scale near N(0, 1) for the diffuser.
+      paraphrase_prob: the share of examples whose decoder target is another paraphrase of
+        the same combination (one drawn per example, needs `train`'s shape/fg/bg) instead of
+        the caption itself: the latent then carries the attributes more than the wording.
 
     Returns:
       `Trained({"encoder": ..., "decoder": ...}, configs, metrics)`; metrics include the KL
@@ -355,6 +373,10 @@ def train_optimus(
     bert, gpt2 = configs or tiny_optimus_configs()
     captions = [str(c) for c in train["caption"]]
     inputs = optimus_inputs(captions)
+    if not 0.0 <= paraphrase_prob <= 1.0:
+        raise ValueError(f"paraphrase_prob must be in [0, 1], got {paraphrase_prob}")
+    if paraphrase_prob > 0:
+        inputs["alt_dec_ids"] = optimus_inputs(paraphrases(train, seed + 5))["dec_ids"]
     encoder, decoder = BertEncoder(bert), GPT2Decoder(gpt2)
     k1, k2 = jax.random.split(jax.random.key(seed))
     ids = jnp.asarray(inputs["dec_ids"][:1])
@@ -376,8 +398,13 @@ def train_optimus(
             {"params": params["encoder"]}, batch["enc_ids"], batch["enc_mask"],
             method=BertEncoder.latent,
         )  # fmt: skip
+        if paraphrase_prob > 0:  # a split only here: the default's draws stay as they were
+            key, kalt = jax.random.split(key)
         z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
         ids = batch["dec_ids"]
+        if paraphrase_prob > 0:
+            use = jax.random.bernoulli(kalt, paraphrase_prob, (ids.shape[0], 1))
+            ids = jnp.where(use, batch["alt_dec_ids"], ids)
         # The full-vocabulary logits are unused, so jit drops them; only ln_f's output is kept.
         _, state = decoder.apply(
             {"params": params["decoder"]}, ids[:, :-1], z,

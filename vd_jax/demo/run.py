@@ -72,6 +72,7 @@ def train_demo_optimus(config, train: dict, held: dict) -> pretrain.Trained:
     return pretrain.train_optimus(
         train, opt_cfgs, eval_data=held, steps=c.optimus.steps,
         batch_size=c.optimus.batch_size, lr=c.optimus.lr, beta=c.optimus.beta, seed=c.seed,
+        paraphrase_prob=c.optimus.paraphrase_prob,
     )  # fmt: skip
 
 
