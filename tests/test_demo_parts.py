@@ -161,6 +161,14 @@ def test_optimus_paraphrase_targets(train_data):
         train_data, configs, steps=12, batch_size=8, lr=3e-3, paraphrase_prob=0.5
     )
     _falls(r.metrics)
+    # The targets reach the loss: same draws of z (both split the key), only the targets differ.
+    first = [
+        pretrain.train_optimus(
+            train_data, configs, steps=1, batch_size=8, paraphrase_prob=p
+        ).metrics["first_loss"]
+        for p in (1e-9, 1.0)
+    ]
+    assert first[0] != first[1]
 
 
 def test_clip_pretraining_lowers_loss(train_data):

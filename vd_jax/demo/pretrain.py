@@ -398,13 +398,12 @@ def train_optimus(
             {"params": params["encoder"]}, batch["enc_ids"], batch["enc_mask"],
             method=BertEncoder.latent,
         )  # fmt: skip
+        ids = batch["dec_ids"]
         if paraphrase_prob > 0:  # a split only here: the default's draws stay as they were
             key, kalt = jax.random.split(key)
-        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
-        ids = batch["dec_ids"]
-        if paraphrase_prob > 0:
             use = jax.random.bernoulli(kalt, paraphrase_prob, (ids.shape[0], 1))
             ids = jnp.where(use, batch["alt_dec_ids"], ids)
+        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
         # The full-vocabulary logits are unused, so jit drops them; only ln_f's output is kept.
         _, state = decoder.apply(
             {"params": params["decoder"]}, ids[:, :-1], z,
