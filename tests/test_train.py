@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny
@@ -185,7 +186,7 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
 
 def test_optimizer_steps_by_lr_with_decoupled_decay():
     """AdamW per group: a constant gradient moves each param by lr * scale per step (Adam's
-    normalisation), plus lr * weight_decay * param on matrices only."""
+    normalisation), plus lr * weight_decay * param on matrices only; frozen groups: no state."""
     c = _config(10)
     c.optim.update(lr=1e-3, warmup_steps=1, schedule="constant", grad_clip=0.0, weight_decay=0.1)
     c.lr_scales.context = 0.5
@@ -214,6 +215,54 @@ def test_optimizer_steps_by_lr_with_decoupled_decay():
     updates, _ = tx.update(grads, state, params)
     np.testing.assert_allclose(updates["context"]["image"]["w"], -2e-3 * (1 + 0.1), rtol=1e-4)
     np.testing.assert_allclose(updates["context"]["text"]["w"], -0.5e-3 * (1 + 0.1), rtol=1e-4)
+    # A frozen group keeps no Adam moments and never moves; the others step as before.
+    c.freeze = "global"
+    tx = ts.make_optimizer(c, params)
+    state = tx.init(params)
+    moments = [x.shape for x in jax.tree_util.tree_leaves(state) if np.ndim(x) > 0]
+    assert sorted(moments) == [(2, 2)] * 4  # mu and nu of the two context matrices
+    _, state = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, params)
+    assert not any(np.any(u) for u in jax.tree_util.tree_leaves(updates["global"]))
+    np.testing.assert_allclose(updates["context"]["image"]["w"], -2e-3 * (1 + 0.1), rtol=1e-4)
+
+
+def test_optimizer_equals_per_group_adamw():
+    """One AdamW with per-leaf step sizes gives what optax.multi_transform's one AdamW per
+    group gives (clipping, decay, warmup-cosine schedule, an LR scale of 3), to 1e-6."""
+    c = _config(20)
+    c.optim.update(lr=2e-3, warmup_steps=3, schedule="cosine", grad_clip=0.5, weight_decay=0.1)
+    c.lr_scales.context = 3.0
+    r = np.random.default_rng(0)
+    params = {"global": {"w": r.normal(size=(3, 4)), "b": r.normal(size=4)},
+              "data": {"image": {"w": r.normal(size=(4, 4))}},
+              "context": {"text": {"w": r.normal(size=(4, 2)), "b": r.normal(size=2)}}}  # fmt: skip
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    o, base = c.optim, ts.lr_schedule(c)
+    tree_labels = ts.labels(params, c)
+    reference = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.multi_transform(
+            {
+                g: optax.adamw(lambda t, s=s: base(t) * s, b1=o.b1, b2=o.b2, eps=o.eps,
+                               weight_decay=o.weight_decay,
+                               mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p))
+                for g, s in (("global", 1.0), ("data", 1.0), ("context", 3.0))
+            },
+            tree_labels,
+        ),
+    )  # fmt: skip
+    finals = []
+    for tx in (reference, ts.make_optimizer(c, params)):
+        p, state = params, tx.init(params)
+        for i in range(8):
+            g = jax.tree_util.tree_map(lambda x, i=i: jnp.sin(x * (i + 1)), p)
+            updates, state = jax.jit(tx.update)(g, state, p)
+            p = optax.apply_updates(p, updates)
+        finals.append(p)
+    # Same arithmetic; XLA may contract a multiply-add differently in the two graphs (1 ulp).
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), *finals)
+    assert not np.array_equal(finals[1]["context"]["text"]["w"], params["context"]["text"]["w"])
 
 
 @pytest.mark.slow
@@ -258,6 +307,12 @@ def test_init_from_another_run(tmp_path, run_4x2):
     assert int(state["step"]) == 0
     moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
     assert moments and not any(np.any(x) for x in moments)  # Adam's mu, nu: fresh
+    # Resuming that run under this config (other flows: another state) is refused, and the
+    # message points to init_from.
+    mngr = train_lib.checkpoint_manager(c, str(src))
+    with pytest.raises(ValueError, match=r"step 6 in .*holds another train state[\s\S]*init_from"):
+        train_lib.restore(mngr, trainer, mngr.latest_step())
+    mngr.close()
     # Another width: refused before reading, naming a tensor and both shapes.
     c.model.model_channels *= 2
     msg = r"do not fit[\s\S]*\['norm'\]\['bias'\]: \(32,\) in the source, \(64,\) here"

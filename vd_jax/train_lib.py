@@ -315,12 +315,20 @@ def restore(mngr, trainer: Trainer, step: int) -> tuple[dict, Any]:
         trainer.abstract_state,
         trainer.state_sh,
     )
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-        ),
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    try:
+        out = mngr.restore(step, args=args)
+    except ValueError as e:
+        if "tree structures do not match" not in str(e):
+            raise
+        # e.g. flows or model sizes changed, or a run from before the optimizer state lost
+        # its per-group copies (2026-11-30): the params can still be carried over.
+        found = str(e).split("If this mismatch")[0].strip()
+        raise ValueError(
+            f"the checkpoint of step {step} in {mngr.directory} holds another train state "
+            f"than this config builds ({found}). Resume it with the config it was written "
+            "with, or start a new --workdir from its params with --config.init_from=<that workdir>"
+        ) from e
     return out["state"], out["data"]
 
 

@@ -122,35 +122,59 @@ def lr_schedule(config) -> optax.Schedule:
     return optax.join_schedules([warmup, rest], [o.warmup_steps])
 
 
+def scale_by_group_lr(schedule: optax.Schedule, scales: Any) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate` with a constant factor per leaf: -(schedule(t) * s) * u.
+
+    The step size is rounded as optax rounds a per-group AdamW's (`lr = schedule * s`), so
+    a run's numbers do not depend on whether its groups share one optimizer.
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        lr = schedule(state.count)
+        step = lambda u, s: jnp.asarray(-(lr * s), u.dtype) * u
+        count = optax.safe_increment(state.count)
+        return jax.tree_util.tree_map(step, updates, scales), optax.ScaleByScheduleState(count)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config, params: Any) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW per group with its LR scale; frozen groups get no state.
+    """Global-norm clipping, then AdamW with each group's LR scale; frozen groups get no state.
 
     Weight decay skips vectors (biases, norm scales), as is usual for diffusion U-Nets.
+    One Adam serves every group and each leaf's step size carries its group's scale: the
+    arithmetic of `optax.multi_transform`'s per-group AdamWs (Adam's moments and the decoupled
+    decay are per element; the demo's losses are bit-identical, elsewhere XLA may round 1 ulp
+    apart). multi_transform keeps one masked copy of the whole tree per
+    group, thousands of placeholder nodes that every step flattens and rebuilds: the demo's
+    four-flow step took 260-273 ms with it, 226-236 ms without (2-core CPU, run in turns).
     """
-    o, base = config.optim, lr_schedule(config)
+    o = config.optim
     tree_labels = labels(params, config)
-    used = set(jax.tree_util.tree_leaves(tree_labels))
+
+    def scale_of(label: str) -> float:
+        if label == "frozen":
+            return 0.0
+        return float(config.lr_scales.get(label, config.lr_scales.get(label.split("_")[0], 1.0)))
+
+    scales = jax.tree_util.tree_map(scale_of, tree_labels)
     decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)
-
-    def adamw(scale: float):
-        # Keywords only: adamw's fifth positional parameter is eps_root, not weight_decay.
-        return optax.adamw(
-            lambda s: base(s) * scale,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            mask=decay_mask,
-        )
-
-    transforms = {
-        g: adamw(float(config.lr_scales.get(g, config.lr_scales.get(g.split("_")[0], 1.0))))
-        for g in used
-        if g != "frozen"
-    }
-    transforms["frozen"] = optax.set_to_zero()
+    adam = optax.chain(
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+    )
+    trainable = jax.tree_util.tree_map(lambda s: s != 0.0, scales)
+    if not all(jax.tree_util.tree_leaves(trainable)):
+        # Frozen leaves keep no moments; their zero (stop_gradient) gradients pass the mask
+        # and get a step size of 0.
+        adam = optax.masked(adam, trainable)
     chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    return optax.chain(*chain, optax.multi_transform(transforms, tree_labels))
+    return optax.chain(*chain, adam, scale_by_group_lr(lr_schedule(config), scales))
 
 
 # --------------------------------------------------------------------------- remat
