@@ -125,8 +125,8 @@ def lr_schedule(config) -> optax.Schedule:
 def scale_by_group_lr(schedule: optax.Schedule, scales: Any) -> optax.GradientTransformation:
     """`optax.scale_by_learning_rate` with a constant factor per leaf: -(schedule(t) * s) * u.
 
-    The step size is rounded as optax rounds a per-group AdamW's (`lr = schedule * s`), so
-    a run's numbers do not depend on whether its groups share one optimizer.
+    The step size is rounded as a per-group AdamW's (`lr = schedule * s`) is, so that the
+    updates are those of one optax AdamW per group.
     """
 
     def init(params):
@@ -148,10 +148,10 @@ def make_optimizer(config, params: Any) -> optax.GradientTransformation:
 
     Weight decay skips vectors (biases, norm scales), as is usual for diffusion U-Nets.
     One Adam serves every group and each leaf's step size carries its group's scale: the
-    arithmetic of `optax.multi_transform`'s per-group AdamWs (Adam's moments and the decoupled
-    decay are per element; the demo's losses are bit-identical, elsewhere XLA may round 1 ulp
-    apart). multi_transform keeps one masked copy of the whole tree per
-    group, thousands of placeholder nodes that every step flattens and rebuilds: the demo's
+    arithmetic of `optax.multi_transform`'s per-group AdamWs (Adam's moments and the
+    decoupled decay are per element; the demo's losses are bit-identical, elsewhere XLA may
+    round 1 ulp apart). multi_transform keeps one masked copy of the whole tree per group,
+    thousands of placeholder nodes that every step flattens and rebuilds: the demo's
     four-flow step took 260-273 ms with it, 226-236 ms without (2-core CPU, run in turns).
     """
     o = config.optim
