@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from vd_jax import init_from
+from vd_jax import flop_count, init_from
 from vd_jax import sharding as shd
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, write_loss_curve
@@ -215,7 +215,7 @@ class Trainer:
         self._rng = rng
         self._step_fn = ts.make_train_step(config, self.model, self.tx, self.encoders.encode)
         self._compiled: dict[Any, Any] = {}
-        self.flops: dict[Any, float | None] = {}
+        self.flops: dict[Any, float] = {}  # per device and step (device_flops)
         self.compile_s = 0.0  # spent compiling steps, kept out of the examples/s figure
 
     @property
@@ -248,41 +248,51 @@ class Trainer:
         local = self.encoders.host_prepare(host_batch, self.needed)
         return shd.global_batch(local, self.batch_sh)
 
+    def trace(self, batch: dict, flow: str | None) -> jax.stages.Traced:
+        """The step for `flow` traced on this trainer's shardings (`.jaxpr`, `.lower()`)."""
+        jitted = jax.jit(
+            functools.partial(self._step_fn, flow=flow),
+            in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
+            out_shardings=(self.state_sh, self.rep),
+            donate_argnums=0,
+        )
+        return jitted.trace(self.abstract_state, self.frozen, batch)
+
+    def device_flops(self, traced: jax.stages.Traced) -> float:
+        """FLOPs per device of a traced step: the global program's over the mesh's devices
+        (the batch splits evenly; FSDP's gathers add no arithmetic)."""
+        return flop_count.jaxpr_flops(traced.jaxpr) / self.mesh.size
+
     def step(self, state: dict, batch: dict, flow: str | None):
         """One optimizer step; compiles (ahead of time, once per flow) on first use."""
         if flow not in self._compiled:
             t0 = time.time()
-            jitted = jax.jit(
-                functools.partial(self._step_fn, flow=flow),
-                in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
-                out_shardings=(self.state_sh, self.rep),
-                donate_argnums=0,
-            )
-            lowered = jitted.lower(self.abstract_state, self.frozen, batch)
-            self._compiled[flow] = lowered.compile(self.compile_options)
-            self.flops[flow] = _flops(self._compiled[flow])
+            traced = self.trace(batch, flow)
+            self._compiled[flow] = traced.lower().compile(self.compile_options)
+            self.flops[flow] = self.device_flops(traced)
             self.compile_s += time.time() - t0
             logging.info("compiled step flow=%s in %.1fs", flow, time.time() - t0)
         return self._compiled[flow](state, self.frozen, batch)
 
 
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
-    except Exception:  # some backends give no cost model
-        return None
+def measure_peak_flops(n: int | None = None, reps: int = 10, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s on one device: the 'peak' of the MFU estimate.
 
-
-def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:
-    """Measured f32 matmul FLOP/s on one device: the 'peak' of the MFU estimate."""
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    In `dtype` on accelerators (the compute dtype's matrix units), float32 on CPU, which has
+    no bf16 matrix units (XLA emulates them). `n` defaults to 8192 on accelerators (enough
+    to fill an H100-class GPU) and 1024 on CPU. Random operands: zeros multiply faster.
+    """
+    dev = jax.devices()[0]
+    accel = dev.platform != "cpu"
+    n = n or (8192 if accel else 1024)
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype if accel else "float32"))
+    x = jax.device_put(x, dev)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     t0 = time.perf_counter()
-    for _ in range(reps):
-        f(x).block_until_ready()
+    for _ in range(reps):  # queued back to back: the host's dispatch stays out of the time
+        y = f(x)
+    y.block_until_ready()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
@@ -392,7 +402,9 @@ def train_and_evaluate(config, workdir: str, mesh: jax.sharding.Mesh | None = No
     n_params = ts.count_params(trainer.abstract_state["params"])
     logging.info("diffuser params: %d, flows %s, mesh %s", n_params, trainer.flows, trainer.mesh)
     writer = MetricsWriter(workdir, enabled=pid == 0, resume_step=start)
-    peak = config.peak_flops or (measure_peak_flops() if config.log_every else 0.0)
+    peak = config.peak_flops or (
+        measure_peak_flops(dtype=config.dtype) if config.log_every else 0.0
+    )
     preempt = _Preemption()
     sampler = None
     if config.sample_every >= 0:

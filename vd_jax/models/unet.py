@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from vd_jax.convert import core
 from vd_jax.models.text_blocks import FCResBlock, TextIn, TextOut, TextResample
+from vd_jax.nn.attention import IMPLEMENTATIONS
 from vd_jax.nn.layers import (
     Downsample2D,
     Dtype,
@@ -67,10 +68,15 @@ class DiffuserConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # How the context blocks compute attention, not what (vd_jax.nn.attention.IMPLEMENTATIONS):
+    # 'auto' takes cuDNN's flash attention on a GPU in bf16/f16 where it was measured faster.
+    attention: str = "auto"
 
     def __post_init__(self):
         if len(self.channel_mult) != len(self.attention_levels):
             raise ValueError("channel_mult and attention_levels must have one entry per level")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -301,6 +307,7 @@ class ContextBlocks(nn.Module):
                 cfg.num_heads,
                 cfg.transformer_depth,
                 cfg.norm_groups,
+                cfg.attention,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )

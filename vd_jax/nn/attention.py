@@ -15,6 +15,10 @@ only a given mask is kept). On CPU both passes also run over chunks of the batch
 (`lax.map`), which bounds the logits alive at once. Measured fwd+bwd of that self-attention
 on a 2-core CPU: 35 ms with autodiff, 11 ms here (PyTorch's SDPA: 17 ms); a training step
 of bench's "small" U-Net 0.60 s -> 0.49 s (bench/train_speed.py, same hour).
+
+On a GPU, `implementation` can hand the work to `jax.nn.dot_product_attention` instead: its
+plain XLA formula or cuDNN's fused flash attention, which 'auto' takes where an H200 ran it
+faster (`resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,31 @@ import jax.numpy as jnp
 # noise) and 8 MiB slower, and it bounds the live logits; accelerators take the whole batch
 # at once (a sequential map only serialises).
 CPU_CHUNK_BYTES = 4 * 2**20
+
+# "vd": the VJP below; "xla" / "cudnn": `jax.nn.dot_product_attention` with that
+# implementation (cudnn: fused flash attention, GPU only, bf16/f16 only); "auto": see
+# `resolve_implementation`.
+IMPLEMENTATIONS = ("auto", "vd", "xla", "cudnn")
+# 'auto' takes cuDNN's kernel from this many logits per head on (fwd + bwd on an H200, bf16,
+# batch 32, bench/attention_speed.py: 1024² 2.9 -> 1.1 ms, 256² 0.47 -> 0.32 ms; at 64² and
+# under, and for the 4-token text branch, the vd VJP was as fast or faster).
+CUDNN_MIN_LOGITS = 256 * 256
+
+
+def resolve_implementation(name: str, dtype, lq: int = 0, lk: int = 0) -> str:
+    """The implementation `name` stands for at `dtype`, `lq` x `lk` logits, on this backend.
+
+    'auto' is cuDNN's fused flash attention on a GPU in bf16/f16 where it was measured
+    faster (`CUDNN_MIN_LOGITS`) and cuDNN takes the shape (an even key count: this jax's
+    cuDNN path refused 77 context tokens in training), else the vd VJP.
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+    if name != "auto":
+        return name
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = lq * lk >= CUDNN_MIN_LOGITS and lk % 2 == 0
+    return "cudnn" if half and fits and jax.default_backend() == "gpu" else "vd"
 
 
 def _num_chunks(rows: int, logits_per_row: int, budget: int | None) -> int:
@@ -123,16 +152,25 @@ def attention(
     heads: int,
     mask: jax.Array | None = None,
     chunk_bytes: int | None = -1,
+    implementation: str = "vd",
 ) -> jax.Array:
     """Multi-head scaled dot-product attention on [B, L, H*D] projections.
 
     Softmax runs in float32 whatever the compute dtype; `mask` ([B | 1, H | 1, Lq, Lk]
     booleans, True = attend) is optional. `chunk_bytes`: logits budget per sequential
     chunk of the batch·heads axis; -1 = `CPU_CHUNK_BYTES` on CPU and no chunking
-    elsewhere, None = no chunking.
+    elsewhere, None = no chunking. `implementation`: one of `IMPLEMENTATIONS`.
     """
     b, lq, inner = q.shape
     lk, d = k.shape[1], inner // heads
+    implementation = resolve_implementation(implementation, q.dtype, lq, lk)
+    if implementation != "vd":
+        # [B, L, H*D] is already jax.nn's [B, L, H, D] layout: no transposes.
+        split = lambda x: x.reshape(b, x.shape[1], heads, d)  # noqa: E731
+        out = jax.nn.dot_product_attention(
+            split(q), split(k), split(v), mask=mask, implementation=implementation
+        )
+        return out.reshape(b, lq, inner)
 
     def rows(x):  # [B, L, H*D] -> [B*H, L, D]
         x = x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)

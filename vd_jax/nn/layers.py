@@ -10,6 +10,7 @@ and softmax always run in float32: bf16 GroupNorm statistics drift visibly.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -130,6 +131,7 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     qkv_bias: bool = False
+    implementation: str = "vd"  # vd_jax.nn.attention.IMPLEMENTATIONS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -141,7 +143,7 @@ class Attention(nn.Module):
         q = dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
         k = dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context)
         v = dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context)
-        out = attention(q, k, v, self.heads)
+        out = attention(q, k, v, self.heads, implementation=self.implementation)
         return dense(x.shape[-1], name="to_out", **kw)(out)
 
 
@@ -167,24 +169,18 @@ class BasicTransformerBlock(nn.Module):
 
     heads: int
     dim_head: int
+    attention: str = "vd"  # vd_jax.nn.attention.IMPLEMENTATIONS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = (
-            Attention(self.heads, self.dim_head, name="attn1", **kw)(
-                LayerNorm(name="norm1", **kw)(x)
-            )
-            + x
+        attn = functools.partial(
+            Attention, self.heads, self.dim_head, implementation=self.attention, **kw
         )
-        x = (
-            Attention(self.heads, self.dim_head, name="attn2", **kw)(
-                LayerNorm(name="norm2", **kw)(x), context
-            )
-            + x
-        )
+        x = attn(name="attn1")(LayerNorm(name="norm1", **kw)(x)) + x
+        x = attn(name="attn2")(LayerNorm(name="norm2", **kw)(x), context) + x
         return FeedForwardGEGLU(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x)) + x
 
 
@@ -199,6 +195,7 @@ class SpatialTransformer(nn.Module):
     heads: int
     depth: int = 1
     norm_groups: int = 32
+    attention: str = "vd"  # vd_jax.nn.attention.IMPLEMENTATIONS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -212,7 +209,7 @@ class SpatialTransformer(nn.Module):
         context = context.astype(self.dtype)
         for i in range(self.depth):
             h = BasicTransformerBlock(
-                self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw
+                self.heads, c // self.heads, self.attention, name=f"transformer_blocks_{i}", **kw
             )(h, context)
         h = dense(c, name="proj_out", **kw)(h)
         return h.reshape(shape) + x
