@@ -1,5 +1,7 @@
 """The attention core (hand-written VJP, chunked on CPU) against PyTorch's SDPA and autodiff."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,30 @@ def test_context_block_implementations_agree():
         for impl in ("vd", "xla")
     }
     assert_rel_close(np.asarray(outs["xla"]), np.asarray(outs["vd"]), 1e-5, "xla vs vd")
+    # The choice reaches the kernel: only the vd forward pass has its optimization barrier.
+    for impl in ("vd", "xla"):
+        block = SpatialTransformer(4, norm_groups=8, attention=impl)
+        jaxpr = str(jax.make_jaxpr(lambda p, b=block: b.apply(p, x, ctx))(params))
+        assert ("optimization_barrier" in jaxpr) == (impl == "vd"), impl
+
+
+def test_diffuser_config_attention_reaches_every_context_block():
+    """DiffuserConfig.attention is what the diffuser's context blocks run (image and text
+    branches): with 'xla' no vd kernel is left in the forward pass."""
+    from vd_jax.models.unet import DiffuserConfig, VDDiffuser, abstract_params
+
+    for impl in ("vd", "xla"):
+        cfg = DiffuserConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
+                             num_heads=4, context_dim=16, text_dim=8, norm_groups=8,
+                             attention=impl)  # fmt: skip
+        ctx = jnp.zeros((1, 3, cfg.context_dim))
+        inputs = {"image": jnp.zeros((1, 8, 8, 4)), "text": jnp.zeros((1, cfg.text_dim))}
+        for xtype, x in inputs.items():
+            model = VDDiffuser(cfg)
+            fwd = functools.partial(model.apply, xtype=xtype, ctypes=("text",))
+            jaxpr = jax.make_jaxpr(lambda p, x, c, f=fwd: f({"params": p}, x, jnp.array([10]), [c]))
+            jaxpr = str(jaxpr(abstract_params(cfg), x, ctx))
+            assert ("optimization_barrier" in jaxpr) == (impl == "vd"), (impl, xtype)
 
 
 def test_fully_masked_rows_match_autodiff():

@@ -2,7 +2,7 @@
 
 XLA's cost analysis of a compiled program is backend-specific: on GPU it does not see into
 the cuDNN / cuBLAS custom calls that hold the convolutions and matmuls (an H200 run of the
-full-size U-Net step reported 1.2 TFLOP of 16.3), and it is absent for some backends. The
+full-size U-Net step reported 1.2-1.5 TFLOP of 16.3), and it is absent for some backends. The
 jaxpr, traced before any backend is involved, holds every contraction explicitly.
 """
 
@@ -21,8 +21,9 @@ def _dot_general(eqn) -> float:
 
 
 def _conv(eqn) -> float:
-    # Each output element takes (kernel size / output features) multiply-adds: true for
-    # grouped kernels and for the transposed convolutions of the backward pass.
+    # Each output element takes (kernel size / output features) multiply-adds: grouped
+    # kernels and the backward pass's convolutions included (the input gradient of a strided
+    # convolution counts its dilated zeros too).
     rhs = eqn.invars[1].aval.shape
     out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
     return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
