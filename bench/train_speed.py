@@ -1,6 +1,6 @@
 r"""Training-step speed: vd_jax's jitted step vs diffusers' UNet2DConditionModel + AdamW.
 
-  python bench/train_speed.py --sizes=tiny,small --batch=8 --steps=10
+  python bench/train_speed.py --sizes=tiny,small --cpu_convolutions=eigen,ynnpack
   python bench/train_speed.py --sizes=full --batch=32 --steps=10 --attention=auto,vd  # GPU
 
 Both sides train the text->image flow (the image U-Net under a text context, ε-prediction
@@ -10,7 +10,9 @@ examples/s of each, the vd_jax / PyTorch ratio (target > 1), model FLOPs per ste
 analysis of the step's HLO, lowered for the CPU, with the plain attention formula: no
 recomputation counted, the same count whichever attention kernel runs), the measured matmul
 peak of this device in the compute dtype (f32 on CPU) and the MFU estimate FLOPs / step time
-/ peak (target >= 40%). Results also go to --out, after each size.
+/ peak (target >= 40%). On a CPU the steps of every variant, PyTorch's included, are taken in
+turns (`time_steps`), so that all see the same stretch of a shared machine whose speed drifts;
+on accelerators one variant after the other. Results also go to --out, after each size.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ SIZES = {
 TEXT_LEN = 77
 
 
-def jax_config(size: str, batch: int, dtype: str, attention: str):
+def jax_config(size: str, batch: int, dtype: str, attention: str, cpu_convolutions: str = "eigen"):
     from configs import tiny
 
     z = SIZES[size]
@@ -59,6 +61,7 @@ def jax_config(size: str, batch: int, dtype: str, attention: str):
     c.ema_decay, c.cfg_dropout = 0.9999, 0.1
     c.sample_every, c.peak_flops = -1, 1.0
     c.dtype = dtype
+    c.cpu_convolutions = cpu_convolutions
     c.optim.lr = 1e-4  # as PyTorch's side below (the tiny config's 3e-3 is for tiny models)
     return c
 
@@ -88,39 +91,40 @@ def model_flops(size: str, batch: int, dtype: str) -> tuple[float, str]:
         return flop_count.jaxpr_flops(traced.jaxpr), "jaxpr_matmuls_convs"
 
 
-def bench_jax(size: str, batch: int, steps: int, dtype: str, attention: str) -> dict:
+def jax_runner(size: str, batch: int, dtype: str, attention: str, cpu_convolutions: str):
+    """A compiled, warmed-up vd_jax step: (run one step and wait, its results' fields)."""
     import jax
 
     from vd_jax import sharding as shd
     from vd_jax import train_lib
 
-    c = jax_config(size, batch, dtype, attention)
+    c = jax_config(size, batch, dtype, attention, cpu_convolutions)
     tr = train_lib.Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
     it = train_lib.make_iterator(c, process_index=0, process_count=1)
-    state = tr.init_state()
+    held = dict(state=tr.init_state())
     batch_ = tr.global_batch(next(it))
-    state, m = tr.step(state, batch_, None)  # compile + warm-up
-    jax.block_until_ready(m)
-    state, m = tr.step(state, batch_, None)  # a second warm-up: allocator, autotuned kernels
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = tr.step(state, batch_, None)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    dt = float(np.median(times))
-    return dict(
-        examples_per_s=batch / dt,
-        step_s=dt,
-        loss=float(m["loss"]),
-        trainer_flops_per_step=tr.flops[None],  # what train.py's logged MFU divides
-        compile_s=tr.compile_s,
-        attention=attention,
-    )
+
+    def run():
+        held["state"], held["metrics"] = tr.step(held["state"], batch_, None)
+        jax.block_until_ready(held["metrics"])
+
+    run()  # compile + warm-up
+    run()  # a second warm-up: allocator, autotuned kernels
+
+    def fields():
+        return dict(
+            loss=float(held["metrics"]["loss"]),
+            trainer_flops_per_step=tr.flops[None],  # what train.py's logged MFU divides
+            compile_s=tr.compile_s,
+            attention=attention,
+            cpu_convolutions=cpu_convolutions,
+        )
+
+    return run, fields
 
 
-def bench_torch(size: str, batch: int, steps: int, dtype: str) -> dict:
+def torch_runner(size: str, batch: int, dtype: str):
+    """diffusers' U-Net + AdamW, warmed up: (run one step and wait, its results' fields)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -170,17 +174,34 @@ def bench_torch(size: str, batch: int, steps: int, dtype: str) -> dict:
         return loss
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(2):  # warm-up: cuDNN's autotuning, the allocator
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
+    held = {}
+
+    def run():
+        held["loss"] = step()
         sync()
-        times.append(time.perf_counter() - t0)
-    dt = float(np.median(times))
-    return dict(examples_per_s=batch / dt, step_s=dt, loss=float(loss.detach()), device=str(dev))
+
+    for _ in range(2):  # warm-up: cuDNN's autotuning, the allocator
+        run()
+    return run, lambda: dict(loss=float(held["loss"].detach()), device=str(dev))
+
+
+def time_steps(runners: dict, steps: int, block: int = 3) -> dict[str, float]:
+    """Median seconds per step of each runner, their steps taken in turns of `block`.
+
+    In turns, so that every runner sees the same stretch of a shared machine: this VM's speed
+    drifts by 10-40% within an hour, more than most differences measured here. Each turn
+    starts with one untimed step: right after another framework's step, PyTorch's tiny step
+    ran 30% slower (the other's worker threads still spinning).
+    """
+    times = {name: [] for name in runners}
+    for _ in range(-(-steps // block)):
+        for name, run in runners.items():
+            run()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def release_torch_memory():
@@ -199,6 +220,9 @@ def main():
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument(
         "--attention", default="auto", help="vd_jax's: auto | vd | xla | cudnn (comma list)"
+    )
+    p.add_argument(
+        "--cpu_convolutions", default="eigen", help="on CPU: eigen | ynnpack (comma list)"
     )
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_speed.json"))
@@ -221,25 +245,46 @@ def main():
             dtype=dtype, peak_flops=peak, jax=jax.__version__,
         )
     )  # fmt: skip
+    variants = [(att, conv) for att in a.attention.split(",")
+                for conv in (a.cpu_convolutions.split(",") if cpu else ["eigen"])]  # fmt: skip
     for size in a.sizes.split(","):
         flops, how = model_flops(size, a.batch, dtype)
-        # PyTorch first: its caching allocator hands memory back; JAX's keeps what it takes.
-        t = None if a.skip_torch else bench_torch(size, a.batch, a.steps, dtype)
-        if t:
-            release_torch_memory()
-        r = dict(flops_per_step=flops, flops_counted_by=how, torch=t)
-        if t:
-            t["mfu"] = flops / t["step_s"] / peak
+        r = dict(flops_per_step=flops, flops_counted_by=how, torch=None)
+        # The key names the convolution kernels only where they differ from the default.
+        names = {v: f"jax_{v[0]}" + ("" if v[1] == "eigen" else f"_{v[1]}") for v in variants}
+        fields, step_s = {}, {}
+        if cpu:  # every runner built first, then their steps in turns (`time_steps`)
+            runners = {}
+            if not a.skip_torch:
+                runners["torch"], fields["torch"] = torch_runner(size, a.batch, dtype)
+            for v in variants:
+                runners[names[v]], fields[names[v]] = jax_runner(size, a.batch, dtype, *v)
+            step_s = time_steps(runners, a.steps)
+        else:  # one at a time: PyTorch's allocator hands its memory back, JAX's keeps it
+            if not a.skip_torch:
+                run, fields["torch"] = torch_runner(size, a.batch, dtype)
+                step_s.update(time_steps({"torch": run}, a.steps))
+                del run
+                release_torch_memory()
+            for v in variants:
+                run, fields[names[v]] = jax_runner(size, a.batch, dtype, *v)
+                step_s.update(time_steps({names[v]: run}, a.steps))
+        for name, dt in step_s.items():
+            res = dict(
+                examples_per_s=a.batch / dt, step_s=dt, mfu=flops / dt / peak, **fields[name]()
+            )
+            if "torch" in step_s and name != "torch":
+                res["jax_over_torch"] = step_s["torch"] / dt
+            r[name] = res
+        if r["torch"]:
+            t = r["torch"]
             print(f"{size}: PyTorch {t['examples_per_s']:.1f} ex/s (MFU {100 * t['mfu']:.1f}%)")
-        for attention in a.attention.split(","):
-            j = bench_jax(size, a.batch, a.steps, dtype, attention)
-            j["mfu"] = flops / j["step_s"] / peak
-            if t:
-                j["jax_over_torch"] = j["examples_per_s"] / t["examples_per_s"]
-            r[f"jax_{attention}"] = j
-            ratio = f" | ratio {j['jax_over_torch']:.2f}x" if t else ""
+        for (attention, conv), name in names.items():
+            j = r[name]
+            ratio = f" | ratio {j['jax_over_torch']:.2f}x" if "jax_over_torch" in j else ""
             print(
-                f"{size} (attention={attention}): vd_jax {j['examples_per_s']:.1f} ex/s "
+                f"{size} (attention={attention}, cpu_convolutions={conv}): "
+                f"vd_jax {j['examples_per_s']:.1f} ex/s "
                 f"(MFU {100 * j['mfu']:.1f}%, {flops / 1e9:.2f} GFLOP/step, "
                 f"compile {j['compile_s']:.0f} s){ratio}",
                 flush=True,

@@ -126,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_steps = 50
     c.guidance_scale = 7.5
     c.xla_opt_level = -1  # XLA backend optimisation level; -1 = XLA's default
+    # On CPU: convolutions on XLA's Eigen kernels ('eigen', faster here) or YNNPACK's
+    # ('ynnpack', XLA's default); vd_jax/xla_options.py. No effect on other backends.
+    c.cpu_convolutions = "eigen"
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
     c.peak_flops = 0.0  # per device, for the MFU estimate; 0 measures a matmul at start
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vd_jax import input_pipeline
+from vd_jax import input_pipeline, xla_options
 from vd_jax import train_step as ts
 from vd_jax.datasets import latent_cache
 
@@ -88,7 +88,7 @@ class CacheEncoder:
             # rng=None: `encode_images` returns the VAE posterior mean, not a sample.
             return encoders.encode(frozen, batch, None, set(needed))[0]
 
-        self._fn = jax.jit(encode, in_shardings=(rep, split), out_shardings=rep)
+        self._fn = xla_options.jit(encode, in_shardings=(rep, split), out_shardings=rep)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         prepared = self.encoders.host_prepare(dict(batch), self.needed)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from vd_jax import applications as apps
+from vd_jax import xla_options
 from vd_jax.diffusion import ddim
 from vd_jax.image_processing import preprocess, unconditional_gray_image
 from vd_jax.loading import VDModels
@@ -79,10 +80,10 @@ class VDPipeline:
                 optimus=models.optimus_params,
             )
         )
-        self._encode_text = jax.jit(
+        self._encode_text = xla_options.jit(
             lambda p, ids: self.text_encoder.apply({"params": p}, ids, method="context")
         )
-        self._encode_image = jax.jit(
+        self._encode_image = xla_options.jit(
             lambda p, px, w: self.image_encoder.apply({"params": p}, px, w, method="context")
         )
         self._compiled: dict[Any, Any] = {}
@@ -243,7 +244,7 @@ class VDPipeline:
             images = decode_latents(vae, params["vae"], latents) if xtype == "image" else None
             return images, latents
 
-        return jax.jit(run)
+        return xla_options.jit(run)
 
     def generate(
         self,

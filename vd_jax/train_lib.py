@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from vd_jax import flop_count, init_from
+from vd_jax import flop_count, init_from, xla_options
 from vd_jax import sharding as shd
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, write_loss_curve
@@ -193,6 +193,7 @@ class Trainer:
         ts.check_batch_fractions(
             config, config.batch_size // self.mesh.size // int(config.optim.grad_accum_steps)
         )
+        xla_options.check_cpu_convolutions(config.get("cpu_convolutions", "eigen"))
         self.dcfg = ts.diffuser_config(config)
         self.model = unet.VDDiffuser(self.dcfg, dtype=jnp.dtype(config.dtype))
         rng = jax.random.key(config.seed)
@@ -220,8 +221,11 @@ class Trainer:
 
     @property
     def compile_options(self) -> dict:
+        """The step's XLA options: the config's optimisation level, CPU convolution kernels."""
+        platform = self.mesh.devices.flat[0].platform
+        opts = xla_options.compiler_options(self.config.get("cpu_convolutions", "eigen"), platform)
         lvl = self.config.get("xla_opt_level", -1)
-        return {} if lvl < 0 else {"xla_backend_optimization_level": lvl}
+        return opts if lvl < 0 else {**opts, "xla_backend_optimization_level": lvl}
 
     def init_state(self) -> dict:
         """A fresh state, created already sharded (params never exist whole on one device)."""

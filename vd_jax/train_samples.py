@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax import train_step as ts
+from vd_jax import xla_options
 from vd_jax.metrics_writer import MetricsWriter
 from vd_jax.models import unet
 
@@ -107,7 +108,7 @@ class Sampler:
             k: jax.make_array_from_callback(v.shape, rep, lambda idx, v=v: v[idx])
             for k, v in local.items()
         }
-        encode = jax.jit(
+        encode = xla_options.jit(
             lambda f, b: trainer.encoders.encode(f, b, jax.random.key(0), trainer.needed)[0],
             out_shardings=rep,
         )
@@ -116,7 +117,7 @@ class Sampler:
 
     def _fn(self, flow: str):
         tr, cfg = self.trainer, self.config
-        return jax.jit(
+        return xla_options.jit(
             make_flow_sampler(
                 tr.model, tr.encoders.vae, flow, num=cfg.num_samples, latent_size=cfg.latent_size,
                 steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax import xla_options
 from vd_jax.models.bert import BertConfig
 from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
 from vd_jax.models.gpt2 import GPT2Config
@@ -73,7 +74,7 @@ class DemoEncoders:
     def _jit(self, name: str, fn):
         """One compiled function per encoder, reused across batches."""
         if name not in self._jitted:
-            self._jitted[name] = jax.jit(fn)
+            self._jitted[name] = xla_options.jit(fn)
         return self._jitted[name]
 
     # ------------------------------------------------------------------ encoding, decoding

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vd_jax import xla_options
 from vd_jax.demo.attributes import (
     attribute_accuracy,
     attributes_of,
@@ -87,7 +88,7 @@ def evaluate_flows(config, trainer, params: Any, enc, held: dict) -> tuple[dict,
             prediction_type=config.vd.prediction_type,
         )  # fmt: skip
         rng = jax.random.key(config.seed + 1000 + i)
-        out = np.asarray(jax.jit(run)(params, trainer.frozen, inputs, rng))
+        out = np.asarray(xla_options.jit(run)(params, trainer.frozen, inputs, rng))
         if to_text:
             texts = enc.decode_texts(out)
             read = [read_text_attributes(t) for t in texts]

@@ -30,6 +30,7 @@ import optax
 from tqdm.auto import tqdm
 
 from vd_jax import optimus_tokenizers as otok
+from vd_jax import xla_options
 from vd_jax.demo import shapes
 from vd_jax.demo.attributes import (
     attribute_accuracy,
@@ -117,7 +118,7 @@ def fit(
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = opt.init(params)
 
-    @jax.jit
+    @xla_options.jit
     def step(params, opt_state, batch, key):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -171,7 +172,7 @@ def batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 256) ->
 def vae_reconstruct(config: VAEConfig, params: Any, images: np.ndarray) -> np.ndarray:
     """uint8 images -> posterior mean -> decoded float images in [0, 1] (numpy)."""
     model = AutoencoderKL(config)
-    fn = jax.jit(
+    fn = xla_options.jit(
         lambda p, x: decode_latents(model, p, encode_images(model, p, x.astype(jnp.float32) / 255))
     )
     return np.concatenate(batched(lambda x: np.asarray(fn(params, x)), images))
@@ -278,7 +279,7 @@ def optimus_inputs(captions: Sequence[str], length: int = TEXT_LENGTH) -> dict[s
 
 @functools.lru_cache(maxsize=8)
 def _posterior_mean_fn(bert: BertConfig):
-    return jax.jit(
+    return xla_options.jit(
         lambda p, i, m: BertEncoder(bert).apply({"params": p}, i, m, method=BertEncoder.latent)[0]
     )
 

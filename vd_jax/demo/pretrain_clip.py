@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vd_jax import xla_options
 from vd_jax.demo import shapes
 from vd_jax.demo.pretrain import TEXT_LENGTH, Trained, batched, fit
 from vd_jax.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -85,14 +86,16 @@ def clip_embeddings(
     """Unit-norm projected embeddings of images or captions (one of the two)."""
     text_cfg, vision_cfg = configs
     if images is not None:
-        fn = jax.jit(
+        fn = xla_options.jit(
             lambda p, x: CLIPVisionEncoder(vision_cfg).apply({"params": p}, clip_pixels(x))[
                 "image_embeds"
             ]
         )
         out = np.concatenate(batched(lambda x: np.asarray(fn(params["vision"], x)), images))
     else:
-        fn = jax.jit(lambda p, i: CLIPTextEncoder(text_cfg).apply({"params": p}, i)["text_embeds"])
+        fn = xla_options.jit(
+            lambda p, i: CLIPTextEncoder(text_cfg).apply({"params": p}, i)["text_embeds"]
+        )
         ids = clip_token_ids(captions, text_cfg.max_position_embeddings)
         out = np.concatenate(batched(lambda i: np.asarray(fn(params["text"], i)), ids))
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
