@@ -193,7 +193,9 @@ class Trainer:
         ts.check_batch_fractions(
             config, config.batch_size // self.mesh.size // int(config.optim.grad_accum_steps)
         )
-        xla_options.check_cpu_convolutions(config.get("cpu_convolutions", "eigen"))
+        self.cpu_convolutions = xla_options.check_cpu_convolutions(
+            config.get("cpu_convolutions", "eigen")
+        )
         self.dcfg = ts.diffuser_config(config)
         self.model = unet.VDDiffuser(self.dcfg, dtype=jnp.dtype(config.dtype))
         rng = jax.random.key(config.seed)
@@ -223,7 +225,7 @@ class Trainer:
     def compile_options(self) -> dict:
         """The step's XLA options: the config's optimisation level, CPU convolution kernels."""
         platform = self.mesh.devices.flat[0].platform
-        opts = xla_options.compiler_options(self.config.get("cpu_convolutions", "eigen"), platform)
+        opts = xla_options.compiler_options(self.cpu_convolutions, platform)
         lvl = self.config.get("xla_opt_level", -1)
         return opts if lvl < 0 else {**opts, "xla_backend_optimization_level": lvl}
 
