@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.vd_four_flow import base_config, flows_config, parse_arg
-from vd_jax.train_step import FLOWS
+from vd_jax.objective import FLOWS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"  # compute; params, optimizer state and EMA stay float32
     c.flows = flows_config(FOUR_FLOWS)
     c.flow_mode = "all"  # 'all': Algorithm 1; 'sample': one flow per step, drawn by weight
+    # Flows of one data type (text->image + image variation, image->text + text variation)
+    # share one diffuser pass, each through its own context blocks (objective.flow_groups).
+    c.fuse_flows = True
     c.dual_ratio = 0.5  # image-context share of the dual_context flow
     c.cfg_dropout = 0.1  # per-context probability of the unconditional context
     c.prediction_type = "epsilon"  # VD's; 'v_prediction' trains (and samples) SD 2's v target

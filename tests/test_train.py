@@ -18,8 +18,8 @@ import optax
 import pytest
 
 from configs import tiny
+from vd_jax import objective, train_lib
 from vd_jax import sharding as shd
-from vd_jax import train_lib
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, read_tfrecords
 from vd_jax.models import unet
@@ -111,7 +111,7 @@ def test_fsdp8_shardings_hold_an_eighth():
     # under fsdp_min_size, would hold 0.137 of the params on each device.
     c = tiny.get_config(f"flows={FLOWS}")
     c.mesh_shape = "1,8"
-    tr_flows = ts.trained_flows(c)
+    tr_flows = objective.trained_flows(c)
     from vd_jax.models import unet
 
     abstract = unet.abstract_params(ts.diffuser_config(c), ts.param_parts(tr_flows))
@@ -151,7 +151,7 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
     c = _config(10)
     cfg = ts.diffuser_config(c)
     model = unet.VDDiffuser(cfg)
-    params = model.init(jax.random.key(0), ts.param_parts(ts.trained_flows(c)),
+    params = model.init(jax.random.key(0), ts.param_parts(objective.trained_flows(c)),
                         method=unet.VDDiffuser.init_parts)["params"]  # fmt: skip
     r = np.random.default_rng(0)
     b, ls = 4, c.latent_size
@@ -163,13 +163,13 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
     }
     inputs = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
     uncond = {"text": jnp.zeros((3, cfg.context_dim)), "image": jnp.zeros((5, cfg.context_dim))}
-    flows, rng = ts.trained_flows(c), jax.random.key(3)
-    _, whole = ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+    flows, rng = objective.trained_flows(c), jax.random.key(3)
+    _, whole = objective.total_loss(model, params, inputs, uncond, rng, flows, c)
     c.flows.text_to_image.batch_fraction = 0.5
-    _, strided = ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+    _, strided = objective.total_loss(model, params, inputs, uncond, rng, flows, c)
     c.flows.text_to_image.batch_fraction = 1.0
     half = {k: v[::2] for k, v in inputs.items()}
-    _, on_half = ts.total_loss(model, params, half, uncond, rng, flows, c)
+    _, on_half = objective.total_loss(model, params, half, uncond, rng, flows, c)
     np.testing.assert_allclose(strided["loss/text_to_image"], on_half["loss/text_to_image"],
                                rtol=1e-6)  # fmt: skip
     assert abs(float(strided["loss/text_to_image"] - whole["loss/text_to_image"])) > 1e-4
@@ -177,11 +177,119 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
                                rtol=1e-6)  # fmt: skip
     c.flows.text_to_image.batch_fraction = 0.3
     with pytest.raises(ValueError, match=r"text_to_image.batch_fraction must be 1/k"):
-        ts.total_loss(model, params, inputs, uncond, rng, flows, c)
+        objective.total_loss(model, params, inputs, uncond, rng, flows, c)
     c.flows.text_to_image.batch_fraction = 0.25
-    ts.check_batch_fractions(c, per_device=8)
+    objective.check_batch_fractions(c, per_device=8)
     with pytest.raises(ValueError, match=r"each device's batch \(6 examples"):
-        ts.check_batch_fractions(c, per_device=6)
+        objective.check_batch_fractions(c, per_device=6)
+
+
+def _five_flow_setup(b=8):
+    c = tiny.get_config(
+        "flows=text_to_image+image_variation+image_to_text+text_variation+dual_context,levels=1"
+    )
+    cfg = ts.diffuser_config(c)
+    model = unet.VDDiffuser(cfg)
+    params = model.init(jax.random.key(0), ts.param_parts(objective.trained_flows(c)),
+                        method=unet.VDDiffuser.init_parts)["params"]  # fmt: skip
+    r = np.random.default_rng(0)
+    ls = c.latent_size
+    inputs = {
+        "image_latent": r.normal(size=(b, ls, ls, cfg.image_in_channels)),
+        "text_latent": r.normal(size=(b, cfg.text_dim)),
+        "text_context": r.normal(size=(b, 3, cfg.context_dim)),
+        "image_context": r.normal(size=(b, 5, cfg.context_dim)),
+    }
+    inputs = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    uncond = {"text": jnp.ones((3, cfg.context_dim)), "image": jnp.zeros((5, cfg.context_dim))}
+    return c, model, params, inputs, uncond
+
+
+def test_fused_flows_equal_separate_passes():
+    """`fuse_flows`: flows of one data type share a diffuser pass (two passes for Algorithm 1's
+    four flows, dual-context alone), with each flow's loss and the summed gradients equal to
+    separate passes (rtol 1e-5 / 1e-4), also with a half-batch flow and the rows laid out
+    for 2 shards; unequal gradient treatment of shared params keeps flows apart."""
+    c, model, params, inputs, uncond = _five_flow_setup()
+    c.flows.text_to_image.batch_fraction = 0.5
+    c.cfg_dropout = 0.5  # both the dropped and the kept contexts take part
+    flows, rng = objective.trained_flows(c), jax.random.key(3)
+    assert objective.flow_groups(flows, params, c) == [
+        ("text_to_image", "image_variation"), ("image_to_text", "text_variation"),
+        ("dual_context",),
+    ]  # fmt: skip
+    flows = flows[:4]  # dual-context runs alone either way: left out to save compile time
+
+    def loss_fn(fuse, shards=1):
+        c.fuse_flows = fuse
+        return lambda p: objective.total_loss(model, p, inputs, uncond, rng, flows, c, shards)
+
+    def n_conv(fn):
+        return str(jax.make_jaxpr(fn)(params)).count("conv_general_dilated")
+
+    (total, per_flow), grads = jax.jit(jax.value_and_grad(loss_fn(False), has_aux=True))(params)
+    (total2, per_flow2), grads2 = jax.jit(jax.value_and_grad(loss_fn(True, 2), has_aux=True))(
+        params
+    )
+    _, per_flow1 = jax.jit(loss_fn(True))(params)
+    np.testing.assert_allclose(total2, total, rtol=1e-5)
+    for got in (per_flow1, per_flow2):
+        for f in flows:
+            np.testing.assert_allclose(got[f"loss/{f}"], per_flow[f"loss/{f}"], rtol=1e-5)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads2, grads
+    )
+    # One image pass instead of two (the text blocks have no convolutions).
+    assert n_conv(loss_fn(False)) == 2 * n_conv(loss_fn(True)) > 0
+
+    c.fuse_flows = True
+    c.flows.image_variation.grad_scales = {"global": 1.0, "data": 0.5, "context": 1.0}
+    assert ("text_to_image", "image_variation") not in objective.flow_groups(flows, params, c)
+    c.flows.image_variation.grad_scales = {"global": 1.0, "data": 1.0, "context": 0.5}
+    assert ("text_to_image", "image_variation") in objective.flow_groups(flows, params, c)
+    with pytest.raises(ValueError, match=r"segment rows \[4, 3\] must sum to the batch \(8\)"):
+        seg = [(4, ("text",), [inputs["text_context"][:4]], None),
+               (3, ("image",), [inputs["image_context"][:3]], None)]  # fmt: skip
+        model.apply({"params": params}, inputs["image_latent"], jnp.zeros(8), seg,
+                    xtype="image", method=unet.VDDiffuser.call_segments)  # fmt: skip
+
+
+def test_fused_flows_keep_rows_on_their_devices():
+    """On 8 devices (batch-sharded), merging two flows' rows with `shards=8` needs no
+    collective but the gradients' all-reduce; a 1-block layout of the same rows does move
+    rows between devices (the check has teeth). merge_segments / split_segments invert."""
+    a, b = jnp.arange(16.0).reshape(16, 1), -jnp.arange(8.0).reshape(8, 1)
+    for shards in (1, 2, 8):
+        merged = unet.merge_segments([a, b], shards)
+        back = unet.split_segments(merged, [16, 8], shards)
+        np.testing.assert_array_equal(back[0], a)
+        np.testing.assert_array_equal(back[1], b)
+    assert unet.merge_segments([a, b], 8)[:3, 0].tolist() == [0.0, 1.0, -0.0]
+
+    c, model, params, inputs, uncond = _five_flow_setup(b=16)
+    flows, rng = ("text_to_image", "image_variation"), jax.random.key(3)
+    mesh = shd.make_mesh("8,1", jax.devices()[:8])
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def collectives(shards):
+        fn = lambda p, x: objective.total_loss(model, p, x, uncond, rng, flows, c, shards)[0]
+        step = jax.jit(jax.grad(fn), in_shardings=(rep, sh), out_shardings=rep)
+        hlo = step.lower(params, inputs).compile().as_text()
+        ops = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+        return {op: hlo.count(f" {op}(") for op in ops}
+
+    for mesh_shape, shards in (("4,2", 8), ("8,1", 8), ("1,1", 1)):
+        n = int(np.prod([int(x) for x in mesh_shape.split(",")]))
+        trainer = train_lib.Trainer(
+            _config(10, mesh_shape), shd.make_mesh(mesh_shape, jax.devices()[:n])
+        )
+        assert trainer.batch_shards == shards, mesh_shape
+
+    local, moved = collectives(8), collectives(1)
+    assert local["all-gather"] == local["all-to-all"] == local["collective-permute"] == 0, local
+    assert local["all-reduce"] > 0
+    assert moved["all-gather"] + moved["all-to-all"] + moved["collective-permute"] > 0, moved
 
 
 def test_optimizer_steps_by_lr_with_decoupled_decay():

@@ -7,7 +7,7 @@ batch kept), encodes it with the frozen encoders the config trains with
 (`vd_jax.train_lib.build_encoders`: the VAE / CLIP / Optimus of ``encoders.folder`` for
 ``encoders.source='pretrained'``, the tiny random ones for ``'random'``) and writes a latent cache
 (`vd_jax.datasets.latent_cache`) holding what the config's flows need
-(`vd_jax.train_step.needed_inputs`): ``image_latent`` (the VAE posterior mean, scaled as the
+(`vd_jax.objective.needed_inputs`): ``image_latent`` (the VAE posterior mean, scaled as the
 diffuser sees it), ``image_context`` / ``text_context`` (CLIP) and ``text_latent`` (the text
 VAE's mean), plus ``caption`` and ``key``.
 
@@ -30,8 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vd_jax import input_pipeline, xla_options
-from vd_jax import train_step as ts
+from vd_jax import input_pipeline, objective, xla_options
 from vd_jax.datasets import latent_cache
 
 
@@ -64,7 +63,7 @@ class CacheEncoder:
 
     Attributes:
         encoders: The `train_step.FrozenEncoders`.
-        needed: The cached entries (`train_step.needed_inputs` of the config's flows).
+        needed: The cached entries (`objective.needed_inputs` of the config's flows).
         batch_size: The one compiled batch size.
     """
 
@@ -72,8 +71,8 @@ class CacheEncoder:
         from vd_jax import train_lib  # imports orbax etc.; only needed here
 
         config = encoding_config(config)
-        flows = ts.trained_flows(config)
-        self.needed = ts.needed_inputs(flows)
+        flows = objective.trained_flows(config)
+        self.needed = objective.needed_inputs(flows)
         self.batch_size = batch_size
         self.encoders = train_lib.build_encoders(config, flows, encoder_rng(config))
         devices = list(devices or jax.local_devices())

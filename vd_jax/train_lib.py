@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
-from vd_jax import flop_count, init_from, xla_options
+from vd_jax import flop_count, init_from, objective, xla_options
 from vd_jax import sharding as shd
 from vd_jax import train_step as ts
 from vd_jax.metrics_writer import MetricsWriter, write_loss_curve
@@ -86,8 +86,8 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> ts.FrozenE
     from vd_jax.models.vae import AutoencoderKL, VAEConfig
 
     e, cdim = config.encoders, config.model.context_dim
-    image_data = any(ts.FLOWS[f][0] == "image" for f in flows)
-    text_data = any(ts.FLOWS[f][0] == "text" for f in flows)
+    image_data = any(objective.FLOWS[f][0] == "image" for f in flows)
+    text_data = any(objective.FLOWS[f][0] == "text" for f in flows)
     enc = ts.FrozenEncoders(params={})
     k_vae, k_text, k_vis = jax.random.split(rng, 3)
     if e.source == "pretrained":
@@ -185,12 +185,12 @@ class Trainer:
 
     def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
         self.config = config
-        self.flows = ts.trained_flows(config)
-        self.needed = ts.needed_inputs(self.flows)
+        self.flows = objective.trained_flows(config)
+        self.needed = objective.needed_inputs(self.flows)
         self.mesh = mesh or shd.make_mesh(config.mesh_shape)
         if config.batch_size % self.mesh.size:
             raise ValueError(f"batch {config.batch_size} is not divisible by {self.mesh.size}")
-        ts.check_batch_fractions(
+        objective.check_batch_fractions(
             config, config.batch_size // self.mesh.size // int(config.optim.grad_accum_steps)
         )
         self.cpu_convolutions = xla_options.check_cpu_convolutions(
@@ -216,7 +216,11 @@ class Trainer:
         self.rep = shd.replicated(self.mesh)
         self._init = jax.jit(init, out_shardings=self.state_sh)
         self._rng = rng
-        self._step_fn = ts.make_train_step(config, self.model, self.tx, self.encoders.encode)
+        # Devices the batch is split over: fused flows lay their rows out in this many blocks.
+        self.batch_shards = self.mesh.size // self.batch_sh.shard_shape((self.mesh.size,))[0]
+        self._step_fn = ts.make_train_step(
+            config, self.model, self.tx, self.encoders.encode, self.batch_shards
+        )
         self._compiled: dict[Any, Any] = {}
         self.flops: dict[Any, float] = {}  # per device and step (device_flops)
         self.compile_s = 0.0  # spent compiling steps, kept out of the examples/s figure

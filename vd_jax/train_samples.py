@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax import train_step as ts
-from vd_jax import xla_options
+from vd_jax import objective, xla_options
 from vd_jax.metrics_writer import MetricsWriter
 from vd_jax.models import unet
 
@@ -47,7 +46,7 @@ def make_flow_sampler(
     from vd_jax.diffusion.schedules import NoiseSchedule
     from vd_jax.models.vae import decode_latents
 
-    xtype, ctypes = ts.FLOWS[flow]
+    xtype, ctypes = objective.FLOWS[flow]
     schedule = NoiseSchedule(prediction_type=prediction_type)
     tables = ddim.ddim_tables(schedule, steps)
     dcfg = model.config
@@ -138,7 +137,7 @@ class Sampler:
                 continue
             os.makedirs(self.dir, exist_ok=True)
             base = os.path.join(self.dir, f"{flow}_{step:07d}")
-            if ts.FLOWS[flow][0] == "image":
+            if objective.FLOWS[flow][0] == "image":
                 grid = image_grid(out)
                 from PIL import Image
 

@@ -1,11 +1,9 @@
-"""VD's training objective, optimizer, train state and the one jitted train step.
+"""VD's optimizer, train state and the one jitted train step (the loss: `objective`).
 
-The objective is VD's Algorithm 1 (vd_original.md §7): each flow (a data type plus one or
-two context types) gets the ε-prediction L2 loss on the scaled-linear schedule, weighted
-per flow; with `flow_mode='all'` every flow's loss is taken on the batch in each step and
-their gradients are summed into one update, with `flow_mode='sample'` the host draws one
-flow per step (by weight) and calls that flow's compiled step. Per-flow, per-group gradient
-scales (the paper's Table 1) are identity ops in the forward pass that scale the cotangent.
+With `flow_mode='all'` (VD's Algorithm 1, vd_original.md §7) every flow's loss is taken on
+the batch in each step and their gradients are summed into one update; with
+`flow_mode='sample'` the host draws one flow per step (by weight) and calls that flow's
+compiled step.
 
 The state is a plain dict (orbax saves and restores it as-is):
 `{'step': int32[], 'params', 'opt_state', 'ema_params', 'rng': uint32[2]}`.
@@ -14,7 +12,6 @@ The state is a plain dict (orbax saves and restores it as-is):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,43 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vd_jax.diffusion.schedules import NoiseSchedule, q_sample
+from vd_jax import objective
 from vd_jax.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vd_jax.models import unet
 from vd_jax.models.clip import CLIPTextEncoder, CLIPVisionEncoder
 from vd_jax.models.text_blocks import FCResBlock, TextResample
 from vd_jax.models.vae import AutoencoderKL, encode_images
 from vd_jax.nn.layers import Downsample2D, ResnetBlock2D, SpatialTransformer, Upsample2D
-from vd_jax.sharding import path_str
-
-# name -> (data type, context types). 'dual_context' is image data under both contexts,
-# mixed with `config.dual_ratio` (VD's dual-guided flow).
-FLOWS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "text_to_image": ("image", ("text",)),
-    "image_variation": ("image", ("image",)),
-    "image_to_text": ("text", ("image",)),
-    "text_variation": ("text", ("text",)),
-    "dual_context": ("image", ("image", "text")),
-}
-GROUPS = ("global", "data", "context")
 
 State = dict[str, Any]
-
-
-def trained_flows(config) -> tuple[str, ...]:
-    """The flows of `config.flows`, in FLOWS order; unknown names raise."""
-    names = tuple(config.flows.keys())
-    bad = [n for n in names if n not in FLOWS]
-    if bad or not names:
-        raise ValueError(f"unknown flows {bad or names}; choose from {list(FLOWS)}")
-    return tuple(n for n in FLOWS if n in names)
 
 
 def param_parts(flows: Sequence[str]) -> tuple[str, ...]:
     """The diffuser parts (unet.ALL_PARTS names) the flows train."""
     parts: list[str] = []
     for f in flows:
-        parts += unet.flow_parts(*FLOWS[f])
+        parts += unet.flow_parts(*objective.FLOWS[f])
     return unet.normalize_parts(parts)
 
 
@@ -75,32 +51,12 @@ def diffuser_config(config) -> unet.DiffuserConfig:
 # --------------------------------------------------------------------------- param groups
 
 
-def group_label(path: Sequence[Any], lr_scales) -> str:
-    """'global' / 'data' / 'context', or the finer 'data_image'-style name if configured."""
-    keys = path_str(path).split("/")
-    top = keys[0]
-    fine = f"{top}_{keys[1]}" if top != "global" and len(keys) > 1 else ""
-    # A finer key counts only when set (the base config declares them unset, for the CLI).
-    if fine and lr_scales.get(fine) is not None:
-        return fine
-    return top
-
-
-def _frozen_groups(config) -> set[str]:
-    return {g.strip() for g in str(config.freeze).split(",") if g.strip()}
-
-
-def is_frozen(label: str, config) -> bool:
-    frozen = _frozen_groups(config)
-    return label in frozen or label.split("_")[0] in frozen
-
-
 def labels(params: Any, config) -> Any:
     """The optimizer label of every param: its group, or 'frozen'."""
 
     def one(path, _):
-        label = group_label(path, config.lr_scales)
-        return "frozen" if is_frozen(label, config) else label
+        label = objective.group_label(path, config.lr_scales)
+        return "frozen" if objective.is_frozen(label, config) else label
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -229,134 +185,6 @@ def remat_interceptor(remat_config) -> Callable | None:
     return interceptor
 
 
-# --------------------------------------------------------------------------- objective
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def scale_grad(x: Any, scale: float) -> Any:
-    """Identity whose gradient is multiplied by `scale` (per-flow, per-group gradient scales)."""
-    return x
-
-
-def _scale_fwd(x, scale):
-    return x, None
-
-
-def _scale_bwd(scale, _, g):
-    return (jax.tree_util.tree_map(lambda t: t * scale, g),)
-
-
-scale_grad.defvjp(_scale_fwd, _scale_bwd)
-
-
-def needed_inputs(flows: Sequence[str]) -> set[str]:
-    """Batch entries the flows read: 'image_latent', 'text_latent', '*_context'."""
-    need: set[str] = set()
-    for f in flows:
-        xtype, ctypes = FLOWS[f]
-        need.add(f"{xtype}_latent")
-        need.update(f"{c}_context" for c in ctypes)
-    return need
-
-
-def flow_loss(
-    model: nn.Module,
-    params: Any,
-    inputs: dict[str, jax.Array],
-    uncond: dict[str, jax.Array],
-    rng: jax.Array,
-    flow: str,
-    config,
-) -> jax.Array:
-    """ε-prediction L2 of one flow: mean over latent elements per example, then over the batch.
-
-    With `config.prediction_type = 'v_prediction'` the target is v = sqrt(abar) eps -
-    sqrt(1 - abar) x0 instead (SD 2's parameterisation; VD's is 'epsilon').
-
-    Contexts are replaced by the unconditional ones per example with probability
-    `config.cfg_dropout` (independently per context), so that classifier-free guidance works.
-    """
-    xtype, ctypes = FLOWS[flow]
-    x0 = inputs[f"{xtype}_latent"].astype(jnp.float32)
-    b = x0.shape[0]
-    k_t, k_noise, k_drop = jax.random.split(rng, 3)
-    alphas = jnp.asarray(NoiseSchedule().alphas_cumprod(), jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, alphas.shape[0])
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    xt = q_sample(x0, noise, alphas[t])
-    target = noise
-    if config.get("prediction_type", "epsilon") == "v_prediction":
-        a = alphas[t].reshape((b,) + (1,) * (x0.ndim - 1))
-        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
-    contexts = []
-    for i, c in enumerate(ctypes):
-        ctx = inputs[f"{c}_context"]
-        drop = jax.random.bernoulli(jax.random.fold_in(k_drop, i), config.cfg_dropout, (b,))
-        contexts.append(jnp.where(drop[:, None, None], uncond[c].astype(ctx.dtype), ctx))
-    ratios = None if len(ctypes) == 1 else (config.dual_ratio, 1.0 - config.dual_ratio)
-    kw = dict(xtype=xtype, ctypes=ctypes, ratios=ratios)
-    eps = model.apply({"params": params}, xt, t, contexts, **kw)
-    err = jnp.square(eps.astype(jnp.float32) - target).reshape(b, -1).mean(axis=1)
-    return err.mean()
-
-
-def _flow_params(params: Any, flow: str, config) -> Any:
-    """Params with this flow's gradient scales and frozen groups' stop_gradient applied."""
-    scales = config.flows[flow].get("grad_scales", {}) or {}
-
-    def one(path, x):
-        label = group_label(path, config.lr_scales)
-        if is_frozen(label, config):
-            return jax.lax.stop_gradient(x)
-        s = scales.get(label, scales.get(label.split("_")[0], 1.0))
-        return x if s == 1.0 else scale_grad(x, float(s))
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def example_stride(config, flow: str) -> int:
-    """k where the flow trains on every k-th example of a batch (`batch_fraction` = 1/k)."""
-    frac = float(config.flows[flow].get("batch_fraction", 1.0))
-    k = round(1.0 / frac) if frac > 0 else 0
-    if not 0.0 < frac <= 1.0 or abs(k * frac - 1.0) > 1e-6:
-        raise ValueError(
-            f"flows.{flow}.batch_fraction must be 1/k for a whole k >= 1 (1, 0.5, 0.25, ...), "
-            f"got {frac}"
-        )
-    return k
-
-
-def check_batch_fractions(config, per_device: int) -> None:
-    """Each device's (micro)batch must split evenly, so that every device trains a flow on
-    the same number of its own examples."""
-    for f in trained_flows(config):
-        k = example_stride(config, f)
-        if per_device % k:
-            raise ValueError(
-                f"flows.{f}.batch_fraction = 1/{k} needs each device's batch ({per_device} "
-                f"examples per micro-step) to be divisible by {k}"
-            )
-
-
-def total_loss(model, params, inputs, uncond, rng, flows, config):
-    """Σ_f loss_weight_f · L_f over `flows`; returns (loss, {'loss/<flow>': L_f}).
-
-    A flow with `batch_fraction` 1/k sees every k-th example: a strided slice keeps each
-    device's examples on that device when k divides its share of the batch.
-    """
-    total, per_flow = 0.0, {}
-    for f in flows:
-        k = example_stride(config, f)
-        flow_inputs = inputs if k == 1 else {n: x[::k] for n, x in inputs.items()}
-        loss = flow_loss(
-            model, _flow_params(params, f, config), flow_inputs, uncond,
-            jax.random.fold_in(rng, list(FLOWS).index(f)), f, config,
-        )  # fmt: skip
-        per_flow[f"loss/{f}"] = loss
-        total = total + config.flows[f].loss_weight * loss
-    return total, per_flow
-
-
 # --------------------------------------------------------------------------- state and step
 
 
@@ -364,7 +192,7 @@ def init_state(config, rng: jax.Array, tx: optax.GradientTransformation) -> Stat
     """The initial train state (call under jit with out_shardings to create it sharded)."""
     cfg = diffuser_config(config)
     model = unet.VDDiffuser(cfg)
-    parts = param_parts(trained_flows(config))
+    parts = param_parts(objective.trained_flows(config))
     params = model.init(rng, parts, method=unet.VDDiffuser.init_parts)["params"]
     params = jax.tree_util.tree_map(lambda x: x, dict(params))
     return {
@@ -381,6 +209,7 @@ def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     encode: Callable[[Any, dict, jax.Array, set[str]], tuple[dict, dict]],
+    batch_shards: int = 1,
 ) -> Callable[..., tuple[State, dict]]:
     """The pure step `(state, frozen, batch, *, flow) -> (state, metrics)`.
 
@@ -391,21 +220,25 @@ def make_train_step(
       encode: `(frozen, batch, rng, needed) -> (inputs, uncond)`: the frozen encoders
         (`FrozenEncoders.encode`), outside the gradient, turning the batch into latents and
         contexts.
+      batch_shards: how many devices the batch is split over (the merged rows' layout of
+        fused flows, `total_loss`).
 
     Returns:
       The step to jit; `flow=None` is Algorithm 1 (all flows), a flow name trains that one.
     """
-    all_flows = trained_flows(config)
+    all_flows = objective.trained_flows(config)
     lr = lr_schedule(config)
     accum = int(config.optim.grad_accum_steps)
     interceptor = remat_interceptor(config.remat)
 
     def loss_fn(params, frozen, batch, rng, flows):
-        inputs, uncond = encode(frozen, batch, jax.random.fold_in(rng, 99), needed_inputs(flows))
+        needed = objective.needed_inputs(flows)
+        inputs, uncond = encode(frozen, batch, jax.random.fold_in(rng, 99), needed)
+        args = (model, params, inputs, uncond, rng, flows, config, batch_shards)
         if interceptor is None:
-            return total_loss(model, params, inputs, uncond, rng, flows, config)
+            return objective.total_loss(*args)
         with nn.intercept_methods(interceptor):
-            return total_loss(model, params, inputs, uncond, rng, flows, config)
+            return objective.total_loss(*args)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -435,7 +268,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         if flow is not None:
             # A sampled flow leaves the other parts alone (no weight decay drift).
-            updates = _only_parts(updates, unet.flow_parts(*FLOWS[flow]))
+            updates = _only_parts(updates, unet.flow_parts(*objective.FLOWS[flow]))
         params = optax.apply_updates(params, updates)
         ema = state["ema_params"]
         if config.ema_decay > 0:
@@ -473,7 +306,7 @@ def sample_flow(config, step: int) -> str | None:
         return None
     if config.flow_mode != "sample":
         raise ValueError(f"flow_mode must be 'all' or 'sample', got {config.flow_mode!r}")
-    flows = trained_flows(config)
+    flows = objective.trained_flows(config)
     w = np.asarray([config.flows[f].weight for f in flows], np.float64)
     rng = np.random.default_rng([config.seed, step])
     return flows[int(rng.choice(len(flows), p=w / w.sum()))]

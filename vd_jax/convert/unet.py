@@ -30,6 +30,7 @@ from vd_jax.convert.core import (
     load_params,
     norm,
 )
+from vd_jax.models import layer_plan
 from vd_jax.models import unet as unet_model
 from vd_jax.models.unet import DiffuserConfig, normalize_parts
 
@@ -207,7 +208,7 @@ def transformer_rules(src: str, dst: str, depth: int) -> list[Rule]:
 
 def _diffusers_data_rules(config: DiffuserConfig, xtype: str, prefix: str) -> list[Rule]:
     names, _ = _diffusers_names(config)
-    steps = unet_model.data_steps(config)
+    steps = layer_plan.data_steps(config)
     # Image convs are real convs; the text U-Net's "convs" are 1x1 convs over [4C, 1, 1].
     weight = conv if xtype == "image" else conv1x1_as_dense
     rules: list[Rule] = []
@@ -369,11 +370,11 @@ def config_from_original(image: dict, text: dict) -> DiffuserConfig:
 
 def _original_names(config: DiffuserConfig, layout: str) -> tuple[list[str], list[str]]:
     """Module names (inside one branch) of the data and context blocks, in VD's order."""
-    steps = unet_model.data_steps(config)
+    steps = layer_plan.data_steps(config)
     if layout == "new":
         data = [f"data_blocks.{s.index}.0" for s in steps]
         return data, [
-            f"context_blocks.{j}.0" for j in range(len(unet_model.context_widths(config)))
+            f"context_blocks.{j}.0" for j in range(len(layer_plan.context_widths(config)))
         ]
     if layout != "old":
         raise ValueError(f"layout must be 'new' or 'old', got {layout!r}")
@@ -427,7 +428,7 @@ def original_rules(
         rules += linear(f"{time}.0", "global/linear_1") + linear(f"{time}.2", "global/linear_2")
     for xtype in unet_model.TYPES:
         if f"data/{xtype}" in parts:
-            steps = unet_model.data_steps(config)
+            steps = layer_plan.data_steps(config)
             for name, step in zip(data_names, steps, strict=True):
                 rules += _original_data_rules(
                     branch[xtype] + name, f"data/{xtype}/blocks_{step.index}", step, xtype

@@ -19,7 +19,6 @@ text hidden states [B, 4, C] (see text_blocks.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vd_jax.convert import core
+from vd_jax.models.layer_plan import Step, context_widths, data_steps, layer_plan
 from vd_jax.models.text_blocks import FCResBlock, TextIn, TextOut, TextResample
 from vd_jax.nn.attention import IMPLEMENTATIONS
 from vd_jax.nn.layers import (
@@ -102,85 +102,6 @@ class DiffuserConfig:
         from vd_jax.convert.unet import config_fields_from_diffusers
 
         return cls(**config_fields_from_diffusers(image_unet, text_unet))
-
-
-# --------------------------------------------------------------------------- layer plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One slot of the shared layer order: 'd' data block, 'c' context block, 'save', 'load'."""
-
-    op: str
-    index: int = -1  # data-block index for 'd', context-block index for 'c'
-    kind: str = ""  # for 'd': 'in', 'res', 'down', 'up' or 'out'
-    in_ch: int = 0  # width entering a 'd' block (skip included)
-    out_ch: int = 0  # width after a 'd' or 'c' block (0 for 'out': the latent's own)
-
-
-@functools.lru_cache(maxsize=32)
-def layer_plan(config: DiffuserConfig) -> tuple[Step, ...]:
-    """The d/c/save/load order both data types follow (VD's `layer_order`, SD-v1's U-Net).
-
-    Numbering data and context blocks in this order reproduces the original's
-    new-format `data_blocks.{i}` / `context_blocks.{j}` indices.
-    """
-    steps: list[Step] = []
-    widths = [config.model_channels * m for m in config.channel_mult]
-    cur = 0  # width of h at this point of the walk
-    saved: list[int] = []  # widths of the saved skips
-
-    def d(kind: str, ch: int):
-        nonlocal cur
-        steps.append(Step("d", sum(s.op == "d" for s in steps), kind, cur, ch))
-        cur = ch
-
-    def c():
-        steps.append(Step("c", sum(s.op == "c" for s in steps), "", cur, cur))
-
-    def save():
-        steps.append(Step("save"))
-        saved.append(cur)
-
-    def load():
-        nonlocal cur
-        steps.append(Step("load"))
-        cur += saved.pop()
-
-    d("in", widths[0])
-    save()
-    for level, ch in enumerate(widths):
-        for _ in range(config.num_res_blocks):
-            d("res", ch)
-            if config.attention_levels[level]:
-                c()
-            save()
-        if level != config.num_levels - 1:
-            d("down", ch)
-            save()
-    d("res", widths[-1])
-    c()
-    d("res", widths[-1])
-    for level in reversed(range(config.num_levels)):
-        for _ in range(config.num_res_blocks + 1):
-            load()
-            d("res", widths[level])
-            if config.attention_levels[level]:
-                c()
-        if level != 0:
-            d("up", widths[level])
-    d("out", 0)
-    return tuple(steps)
-
-
-def data_steps(config: DiffuserConfig) -> tuple[Step, ...]:
-    """The 'd' steps of `layer_plan`: data block i is `data_steps(config)[i]`."""
-    return tuple(s for s in layer_plan(config) if s.op == "d")
-
-
-def context_widths(config: DiffuserConfig) -> tuple[int, ...]:
-    """Channel width of each context block, in order."""
-    return tuple(s.out_ch for s in layer_plan(config) if s.op == "c")
 
 
 def flow_parts(xtype: str, ctypes: Sequence[str]) -> tuple[str, ...]:
@@ -382,9 +303,68 @@ class VDDiffuser(nn.Module):
         Returns:
           ε with the shape of `x`, in `dtype`.
         """
+        if xtype not in TYPES:
+            raise ValueError(f"xtype must be 'image' or 'text', got {xtype!r}")
+        context_slot = self._context_slot(ctypes, contexts, ratios)
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        emb = getattr(self, "global")(t)
+        data = getattr(self.data, xtype)
+        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+
+    def call_segments(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        segments: Sequence[tuple[int, Sequence[str], Sequence[jax.Array], Sequence[Any] | None]],
+        *,
+        xtype: str,
+        shards: int = 1,
+    ) -> jax.Array:
+        """ε for several flows of one data type in one pass (mixed-flow training).
+
+        The time embedding and the data blocks run once over every segment's rows; at each
+        cross-attention slot each segment's rows go through its own context blocks. Per
+        example this is `__call__` (every layer but attention works per example, and
+        attention stays within a segment), with one data-block pass instead of one per flow:
+        half the data-block kernels for two flows, each on twice the rows, and a smaller
+        program to compile.
+
+        Args:
+          x: latents of all segments, laid out by `merge_segments(..., shards)`.
+          t: [B] timesteps in the same layout.
+          segments: per segment `(rows, ctypes, contexts, ratios)`: its total row count and
+            `__call__`'s arguments for it (contexts with `rows` rows).
+          xtype: the data type of every segment.
+          shards: the layout's block count (`merge_segments`); the batch's device count keeps
+            each device's rows on it.
+
+        Returns:
+          ε in the layout of `x`; `split_segments(eps, rows, shards)` gives each segment's.
+        """
+        if xtype not in TYPES:
+            raise ValueError(f"xtype must be 'image' or 'text', got {xtype!r}")
+        rows = [int(seg[0]) for seg in segments]
+        if sum(rows) != x.shape[0] or any(r % shards for r in rows):
+            raise ValueError(
+                f"segment rows {rows} must sum to the batch ({x.shape[0]}) and each divide "
+                f"into {shards} shards"
+            )
+        slots = [self._context_slot(c, ctx, r) for _, c, ctx, r in segments]
+
+        def context_slot(j: int, h: jax.Array) -> jax.Array:
+            parts = split_segments(h, rows, shards)
+            return merge_segments([s(j, p) for s, p in zip(slots, parts, strict=True)], shards)
+
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        emb = getattr(self, "global")(t)
+        data = getattr(self.data, xtype)
+        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+
+    def _context_slot(self, ctypes, contexts, ratios):
+        """`(j, h) -> h'`: cross-attention slot j under these contexts (mixed by `ratios`)."""
         ctypes = tuple(ctypes)
-        if xtype not in TYPES or not ctypes or any(c not in TYPES for c in ctypes):
-            raise ValueError(f"xtype/ctypes must be 'image' or 'text', got {xtype!r}, {ctypes!r}")
+        if not ctypes or any(c not in TYPES for c in ctypes):
+            raise ValueError(f"ctypes must be 'image' or 'text', got {ctypes!r}")
         if len(contexts) != len(ctypes):
             raise ValueError(f"{len(contexts)} contexts but {len(ctypes)} ctypes")
         if ratios is None:
@@ -393,10 +373,6 @@ class VDDiffuser(nn.Module):
             raise ValueError(f"{len(ratios)} ratios for {len(ctypes)} contexts")
         weights = jnp.stack([jnp.asarray(r, jnp.float32) for r in ratios])
         weights = (weights / weights.sum()).astype(self.dtype)
-
-        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        emb = getattr(self, "global")(t)
-        data = getattr(self.data, xtype)
         blocks = [getattr(self.context, c) for c in ctypes]
         contexts = [c.astype(self.dtype) for c in contexts]
 
@@ -408,7 +384,7 @@ class VDDiffuser(nn.Module):
             )
             return h + delta
 
-        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+        return context_slot
 
     @staticmethod
     def _walk(data, h, emb, context_slot):
@@ -449,6 +425,28 @@ class VDDiffuser(nn.Module):
             if f"context/{ctype}" in parts:
                 for j, width in enumerate(context_widths(cfg)):
                     getattr(self.context, ctype)(j, jnp.zeros((1, 4, width), self.dtype), ctx)
+
+
+def merge_segments(arrays: Sequence[jax.Array], shards: int = 1) -> jax.Array:
+    """Rows of several arrays as one: `shards` blocks, each holding its share of every array.
+
+    Shard i of the result is shard i of each input, so with `shards` = the device count
+    of a batch-sharded layout the merge (and `split_segments`) moves no row between devices.
+    """
+    blocks = [a.reshape(shards, a.shape[0] // shards, *a.shape[1:]) for a in arrays]
+    out = jnp.concatenate(blocks, axis=1)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def split_segments(x: jax.Array, rows: Sequence[int], shards: int = 1) -> list[jax.Array]:
+    """The inverse of `merge_segments`: `rows` are each array's total row counts."""
+    per = [r // shards for r in rows]
+    blocks = x.reshape(shards, sum(per), *x.shape[1:])
+    out, start = [], 0
+    for n in per:
+        out.append(blocks[:, start : start + n].reshape(shards * n, *x.shape[1:]))
+        start += n
+    return out
 
 
 def init_params(
