@@ -149,20 +149,7 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
     draws), the other flow still sees the whole batch; fractions not 1/k, or a device batch
     that 1/k does not split, are refused."""
     c = _config(10)
-    cfg = ts.diffuser_config(c)
-    model = unet.VDDiffuser(cfg)
-    params = model.init(jax.random.key(0), ts.param_parts(objective.trained_flows(c)),
-                        method=unet.VDDiffuser.init_parts)["params"]  # fmt: skip
-    r = np.random.default_rng(0)
-    b, ls = 4, c.latent_size
-    inputs = {
-        "image_latent": r.normal(size=(b, ls, ls, cfg.image_in_channels)),
-        "text_latent": r.normal(size=(b, cfg.text_dim)),
-        "text_context": r.normal(size=(b, 3, cfg.context_dim)),
-        "image_context": r.normal(size=(b, 5, cfg.context_dim)),
-    }
-    inputs = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    uncond = {"text": jnp.zeros((3, cfg.context_dim)), "image": jnp.zeros((5, cfg.context_dim))}
+    model, params, inputs, uncond = _loss_setup(c, b=4, text_uncond=0.0)
     flows, rng = objective.trained_flows(c), jax.random.key(3)
     _, whole = objective.total_loss(model, params, inputs, uncond, rng, flows, c)
     c.flows.text_to_image.batch_fraction = 0.5
@@ -184,10 +171,8 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
         objective.check_batch_fractions(c, per_device=6)
 
 
-def _five_flow_setup(b=8):
-    c = tiny.get_config(
-        "flows=text_to_image+image_variation+image_to_text+text_variation+dual_context,levels=1"
-    )
+def _loss_setup(c, b, text_uncond):
+    """Model, random params, random latents/contexts of `b` examples, uncond contexts."""
     cfg = ts.diffuser_config(c)
     model = unet.VDDiffuser(cfg)
     params = model.init(jax.random.key(0), ts.param_parts(objective.trained_flows(c)),
@@ -201,8 +186,16 @@ def _five_flow_setup(b=8):
         "image_context": r.normal(size=(b, 5, cfg.context_dim)),
     }
     inputs = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    uncond = {"text": jnp.ones((3, cfg.context_dim)), "image": jnp.zeros((5, cfg.context_dim))}
-    return c, model, params, inputs, uncond
+    uncond = {"text": jnp.full((3, cfg.context_dim), text_uncond),
+              "image": jnp.zeros((5, cfg.context_dim))}  # fmt: skip
+    return model, params, inputs, uncond
+
+
+def _five_flow_setup(b=8):
+    c = tiny.get_config(
+        "flows=text_to_image+image_variation+image_to_text+text_variation+dual_context,levels=1"
+    )
+    return (c, *_loss_setup(c, b, text_uncond=1.0))
 
 
 def test_fused_flows_equal_separate_passes():
