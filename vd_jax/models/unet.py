@@ -303,13 +303,8 @@ class VDDiffuser(nn.Module):
         Returns:
           ε with the shape of `x`, in `dtype`.
         """
-        if xtype not in TYPES:
-            raise ValueError(f"xtype must be 'image' or 'text', got {xtype!r}")
-        context_slot = self._context_slot(ctypes, contexts, ratios)
-        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        emb = getattr(self, "global")(t)
-        data = getattr(self.data, xtype)
-        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+        _check_xtype(xtype)
+        return self._run(x, t, xtype, self._context_slot(ctypes, contexts, ratios))
 
     def call_segments(
         self,
@@ -341,8 +336,7 @@ class VDDiffuser(nn.Module):
         Returns:
           ε in the layout of `x`; `split_segments(eps, rows, shards)` gives each segment's.
         """
-        if xtype not in TYPES:
-            raise ValueError(f"xtype must be 'image' or 'text', got {xtype!r}")
+        _check_xtype(xtype)
         rows = [int(seg[0]) for seg in segments]
         if sum(rows) != x.shape[0] or any(r % shards for r in rows):
             raise ValueError(
@@ -355,10 +349,14 @@ class VDDiffuser(nn.Module):
             parts = split_segments(h, rows, shards)
             return merge_segments([s(j, p) for s, p in zip(slots, parts, strict=True)], shards)
 
+        return self._run(x, t, xtype, context_slot)
+
+    def _run(self, x, t, xtype: str, context_slot):
+        """The time embedding, then the data blocks of `xtype` with `context_slot` at each
+        cross-attention slot."""
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         emb = getattr(self, "global")(t)
-        data = getattr(self.data, xtype)
-        return self._walk(data, x.astype(self.dtype), emb, context_slot)
+        return self._walk(getattr(self.data, xtype), x.astype(self.dtype), emb, context_slot)
 
     def _context_slot(self, ctypes, contexts, ratios):
         """`(j, h) -> h'`: cross-attention slot j under these contexts (mixed by `ratios`)."""
@@ -425,6 +423,11 @@ class VDDiffuser(nn.Module):
             if f"context/{ctype}" in parts:
                 for j, width in enumerate(context_widths(cfg)):
                     getattr(self.context, ctype)(j, jnp.zeros((1, 4, width), self.dtype), ctx)
+
+
+def _check_xtype(xtype: str) -> None:
+    if xtype not in TYPES:
+        raise ValueError(f"xtype must be 'image' or 'text', got {xtype!r}")
 
 
 def merge_segments(arrays: Sequence[jax.Array], shards: int = 1) -> jax.Array:
