@@ -4,8 +4,9 @@ r"""Training-step speed: vd_jax's jitted step vs diffusers' UNet2DConditionModel
   python bench/train_speed.py --sizes=full --batch=32 --steps=10 --attention=auto,vd  # GPU
 
 Both sides train the text->image flow (the image U-Net under a text context, ε-prediction
-MSE, AdamW) on the same device with the same batch and compute dtype (`--dtype`: float32 on
-CPU, bf16 with float32 params elsewhere; PyTorch under `torch.autocast`). Reported per size:
+MSE, AdamW, global-norm clipping, an EMA copy of the params) on the same device with the same
+batch and compute dtype (`--dtype`: float32 on CPU, bf16 with float32 params elsewhere;
+PyTorch under `torch.autocast`). Reported per size:
 examples/s of each, the vd_jax / PyTorch ratio (target > 1), model FLOPs per step (XLA's cost
 analysis of the step's HLO, lowered for the CPU, with the plain attention formula: no
 recomputation counted, the same count whichever attention kernel runs), the measured matmul
@@ -38,6 +39,7 @@ SIZES = {
                  groups=32, ctx=768, latent=32),
 }  # fmt: skip
 TEXT_LEN = 77
+EMA_DECAY = 0.9999  # both sides keep an EMA copy of the params, as a training run does
 
 
 def jax_config(size: str, batch: int, dtype: str, attention: str, cpu_convolutions: str = "eigen"):
@@ -58,7 +60,7 @@ def jax_config(size: str, batch: int, dtype: str, attention: str, cpu_convolutio
     c.batch_size, c.latent_size, c.image_size = batch, z["latent"], 2 * z["latent"]
     c.encoders.text_context_len = TEXT_LEN
     c.xla_opt_level = -1  # XLA's full optimisation for timing
-    c.ema_decay, c.cfg_dropout = 0.9999, 0.1
+    c.ema_decay, c.cfg_dropout = EMA_DECAY, 0.1
     c.sample_every, c.peak_flops = -1, 1.0
     c.dtype = dtype
     c.cpu_convolutions = cpu_convolutions
@@ -154,6 +156,8 @@ def torch_runner(size: str, batch: int, dtype: str):
     )
     # fused=True on CUDA: the whole update in one kernel (PyTorch documents it as its fastest).
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01, fused=dev.type == "cuda")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
     alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0).to(dev)
     x0 = torch.randn(batch, 4, z["latent"], z["latent"], device=dev)
     ctx = torch.randn(batch, TEXT_LEN, z["ctx"], device=dev)
@@ -171,6 +175,8 @@ def torch_runner(size: str, batch: int, dtype: str):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        with torch.no_grad():  # the EMA update as one multi-tensor op
+            torch._foreach_lerp_(ema, params, 1 - EMA_DECAY)
         return loss
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -53,24 +53,53 @@ def timestep_embedding(
     return emb
 
 
-def GroupNorm(  # noqa: N802 - reads as the module it builds
-    num_groups: int = 32,
-    epsilon: float = 1e-5,
-    *,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str | None = None,
-) -> nn.GroupNorm:
-    """torch.nn.GroupNorm over the channel (last) axis; statistics in float32."""
-    # use_fast_variance=False: E[x^2]-E[x]^2 loses digits on large-mean maps.
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        name=name,
+def group_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float
+) -> jax.Array:
+    """torch.nn.GroupNorm of channels-last `x` ([B, ..., C]), in float32.
+
+    The statistics reduce the spatial axes to per-(example, channel) sums first and only then
+    add up each group's C/G channels. Flax's reshape to [B, ..., G, C/G] makes XLA:CPU reduce
+    over a 2-wide minor axis (C/G = 2 at 64 channels, 32 groups): fwd+bwd of GroupNorm-SiLU
+    on 8x16x16x64 took 0.83 ms that way, 0.35 ms this way (PyTorch's kernel: 0.38 ms).
+    The variance is two-pass (E[(x-m)^2]): E[x^2]-E[x]^2 loses digits on large-mean maps.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
+    axes = tuple(range(1, x.ndim - 1))
+    per_channel = (b,) + (1,) * len(axes) + (c,)
+    count = x.size // (b * num_groups)
+
+    def group_mean(sums):  # [B, C] per-channel sums -> each channel's group mean, [B, C]
+        g = sums.reshape(b, num_groups, c // num_groups).sum(-1) / count
+        return jnp.repeat(g, c // num_groups, axis=-1).reshape(per_channel)
+
+    xf = x.astype(jnp.float32)
+    centred = xf - group_mean(xf.sum(axes))
+    var = group_mean(jnp.square(centred).sum(axes))
+    return centred * (jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)) + bias.astype(
+        jnp.float32
     )
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the channel (last) axis; statistics in float32.
+
+    Parameters `scale` and `bias` as flax.linen.GroupNorm names them.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
 def LayerNorm(  # noqa: N802
