@@ -42,7 +42,8 @@ def vd_config(latent_size: int, text_dim: int, context_dim: int) -> ml_collectio
     # examples, and a step's time on this CPU is mostly the image U-Net's: 263 ms with every
     # flow on 32 examples, 172 ms with the image flows on 16, so 2,750 steps fit where 1,800
     # did: held-out image->text 0.69 -> 0.80-0.875 in three runs at about the same wall time,
-    # image variation 0.875-0.94 (as in earlier configs).
+    # image variation 0.875-0.94 (as in earlier configs). The two take alternate examples
+    # (objective.example_rows), so the image pass still sees every image of the batch.
     for f in ("text_to_image", "image_variation"):
         c.flows[f].batch_fraction = 0.5
     c.cfg_dropout = 0.1

@@ -36,7 +36,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def flows_config(names, loss_weights=None) -> ml_collections.ConfigDict:
     """Per flow: sampling `weight` ('sample' mode), `loss_weight`, `batch_fraction` (1/k: the
-    flow trains on every k-th example of each batch) and per-group `grad_scales`."""
+    flow trains on every k-th example of each batch; flows at the same 1/k start at different
+    offsets, `objective.example_rows`) and per-group `grad_scales`."""
     loss_weights = loss_weights or {}
     return ml_collections.ConfigDict(
         {

@@ -146,8 +146,8 @@ def test_config_and_pieces():
 
 def test_batch_fraction_trains_a_flow_on_every_kth_example():
     """`flows.<f>.batch_fraction` = 1/k: that flow's loss is the loss on examples ::k (same
-    draws), the other flow still sees the whole batch; fractions not 1/k, or a device batch
-    that 1/k does not split, are refused."""
+    draws), the other flow still sees the whole batch; two flows at 1/2 take examples 0::2 and
+    1::2; fractions not 1/k, or a device batch that 1/k does not split, are refused."""
     c = _config(10)
     model, params, inputs, uncond = _loss_setup(c, b=4, text_uncond=0.0)
     flows, rng = objective.trained_flows(c), jax.random.key(3)
@@ -162,6 +162,16 @@ def test_batch_fraction_trains_a_flow_on_every_kth_example():
     assert abs(float(strided["loss/text_to_image"] - whole["loss/text_to_image"])) > 1e-4
     np.testing.assert_allclose(strided["loss/image_to_text"], whole["loss/image_to_text"],
                                rtol=1e-6)  # fmt: skip
+    # A second flow at 1/2 takes the other half (examples 1::2), not the same one.
+    _, on_odd = objective.total_loss(
+        model, params, {k: v[1::2] for k, v in inputs.items()}, uncond, rng, flows, c
+    )
+    c.flows.text_to_image.batch_fraction = c.flows.image_to_text.batch_fraction = 0.5
+    assert [objective.example_rows(c, f) for f in flows] == [(2, 0), (2, 1)]
+    _, halves = objective.total_loss(model, params, inputs, uncond, rng, flows, c)
+    for f, want in (("text_to_image", on_half), ("image_to_text", on_odd)):
+        np.testing.assert_allclose(halves[f"loss/{f}"], want[f"loss/{f}"], rtol=1e-6)
+    c.flows.image_to_text.batch_fraction = 1.0
     c.flows.text_to_image.batch_fraction = 0.3
     with pytest.raises(ValueError, match=r"text_to_image.batch_fraction must be 1/k"):
         objective.total_loss(model, params, inputs, uncond, rng, flows, c)

@@ -255,6 +255,18 @@ def example_stride(config, flow: str) -> int:
     return k
 
 
+def example_rows(config, flow: str) -> tuple[int, int]:
+    """(k, offset): the flow trains on examples offset, offset + k, ... of each batch.
+
+    Flows with the same stride take turns at the offsets (the i-th of them in FLOWS order
+    starts at i mod k), so that k flows at 1/k together use every example loaded, instead of
+    all training on the same 1/k of the batch.
+    """
+    k = example_stride(config, flow)
+    same = [f for f in trained_flows(config) if example_stride(config, f) == k]
+    return k, (same.index(flow) % k if flow in same else 0)
+
+
 def check_batch_fractions(config, per_device: int) -> None:
     """Each device's (micro)batch must split evenly, so that every device trains a flow on
     the same number of its own examples."""
@@ -270,16 +282,16 @@ def check_batch_fractions(config, per_device: int) -> None:
 def total_loss(model, params, inputs, uncond, rng, flows, config, shards: int = 1):
     """Σ_f loss_weight_f · L_f over `flows`; returns (loss, {'loss/<flow>': L_f}).
 
-    A flow with `batch_fraction` 1/k sees every k-th example: a strided slice keeps each
-    device's examples on that device when k divides its share of the batch. Flows of one
-    data type share a diffuser pass where `flow_groups` allows (`shards`: the batch's device
-    count, for the merged rows' layout).
+    A flow with `batch_fraction` 1/k sees every k-th example from its offset (`example_rows`):
+    a strided slice keeps each device's examples on that device when k divides its share of
+    the batch. Flows of one data type share a diffuser pass where `flow_groups` allows
+    (`shards`: the batch's device count, for the merged rows' layout).
     """
     total, per_flow = 0.0, {}
 
     def own(f):
-        k = example_stride(config, f)
-        return inputs if k == 1 else {n: x[::k] for n, x in inputs.items()}
+        k, offset = example_rows(config, f)
+        return inputs if k == 1 else {n: x[offset::k] for n, x in inputs.items()}
 
     def key(f):
         return jax.random.fold_in(rng, list(FLOWS).index(f))

@@ -78,9 +78,8 @@ def group_norm(
     xf = x.astype(jnp.float32)
     centred = xf - group_mean(xf.sum(axes))
     var = group_mean(jnp.square(centred).sum(axes))
-    return centred * (jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)) + bias.astype(
-        jnp.float32
-    )
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    return centred * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
 class GroupNorm(nn.Module):
