@@ -6,14 +6,14 @@ r"""Training-step speed: vd_jax's jitted step vs diffusers' UNet2DConditionModel
 Both sides train the text->image flow (the image U-Net under a text context, ε-prediction
 MSE, AdamW, global-norm clipping, an EMA copy of the params) on the same device with the same
 batch and compute dtype (`--dtype`: float32 on CPU, bf16 with float32 params elsewhere;
-PyTorch under `torch.autocast`). Reported per size:
-examples/s of each, the vd_jax / PyTorch ratio (target > 1), model FLOPs per step (XLA's cost
-analysis of the step's HLO, lowered for the CPU, with the plain attention formula: no
-recomputation counted, the same count whichever attention kernel runs), the measured matmul
-peak of this device in the compute dtype (f32 on CPU) and the MFU estimate FLOPs / step time
-/ peak (target >= 40%). On a CPU the steps of every variant, PyTorch's included, are taken in
-turns (`time_steps`), so that all see the same stretch of a shared machine whose speed drifts;
-on accelerators one variant after the other. Results also go to --out, after each size.
+PyTorch under `torch.autocast`). Reported per size: examples/s of each, the vd_jax / PyTorch
+ratio (target > 1), model FLOPs per step (XLA's cost analysis of the step's HLO, lowered for
+the CPU, with the plain attention formula: no recomputation counted, the same count whichever
+attention kernel runs), the measured matmul peak of this device in the compute dtype (f32 on
+CPU) and the MFU estimate FLOPs / step time / peak (target >= 40%). On a CPU the steps of
+every variant, PyTorch's included, are taken in turns (`time_steps`), so that all see the same
+stretch of a shared machine whose speed drifts; on accelerators one variant after the other.
+Results also go to --out, after each size.
 """
 
 from __future__ import annotations

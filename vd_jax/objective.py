@@ -264,7 +264,7 @@ def example_rows(config, flow: str) -> tuple[int, int]:
     """
     k = example_stride(config, flow)
     same = [f for f in trained_flows(config) if example_stride(config, f) == k]
-    return k, (same.index(flow) % k if flow in same else 0)
+    return k, same.index(flow) % k
 
 
 def check_batch_fractions(config, per_device: int) -> None:
