@@ -9,8 +9,8 @@ import sys
 from absl import app
 from ml_collections import config_flags
 
-from vd_jax import sampling
 from vd_jax.convert.core import CheckpointError
+from vd_jax.pipelines import sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py", "Sampling config.")
 

@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "Pillow>=10",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # PyTorch is only for converting .bin/.pth files and for the parity tests.
@@ -30,6 +31,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
+            "import-linter>=2.1",
             "torch>=2.4",
             "diffusers>=0.30",
             # Ships pretrained all-MiniLM-L6-v2 BERT weights: the real-weights check.

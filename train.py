@@ -1,4 +1,4 @@
-r"""Trains Versatile Diffusion; all logic lives in vd_jax.train_lib.
+r"""Trains Versatile Diffusion; all logic lives in vd_jax.train.loop.
 
   python train.py --config=configs/tiny.py --workdir=/tmp/tw --config.num_steps=20
   python train.py --config=configs/vd_four_flow.py:res=256 --workdir=/ckpt/vd4
@@ -19,7 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
-    from vd_jax import train_lib  # imports jax: flags such as XLA_FLAGS are read by now
+    from vd_jax.train.loop import train_and_evaluate  # imports jax: XLA_FLAGS are read by now
 
     logging.info("config:\n%s", FLAGS.config)
     if FLAGS.config.get("job") == "demo":
@@ -27,7 +27,7 @@ def main(argv):
 
         run_demo(FLAGS.config, FLAGS.workdir)
     else:
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

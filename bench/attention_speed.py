@@ -5,7 +5,7 @@ r"""The diffuser's attention implementations at the full model's shapes: error a
 
 For each self-/cross-attention shape of the released image U-Net at 256² (1024, 256 and 64
 tokens; 77 context tokens) and of the text branch (4 tokens), and each implementation
-(`vd_jax.nn.attention.IMPLEMENTATIONS`): forward + backward time (median of --reps, after
+(`vd_jax.models.attention.IMPLEMENTATIONS`): forward + backward time (median of --reps, after
 a warm-up) and the relative error ‖x − ref‖ / ‖ref‖ of the output and dq/dk/dv in the
 compute dtype against float32 ('xla' at highest matmul precision).
 """
@@ -46,7 +46,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from vd_jax.nn.attention import attention
+    from vd_jax.models.attention import attention
 
     dtype = jnp.dtype(a.dtype)
 

@@ -2,7 +2,7 @@ r"""Text->image sampling speed: vd_jax vs diffusers on the same random weights.
 
   python bench/sample_speed.py --sizes=tiny,small --steps=20 --batch=2
 
-For each size preset of `vd_jax.tiny_folder` it reports
+For each size preset of `vd_jax.convert.tiny_folder` it reports
   warm: seconds per batch once compiled / warmed up (median of --repeats calls),
   cold: wall seconds of a fresh process that loads the folder and samples one batch,
 and the vd_jax / diffusers ratios (target: warm ratio <= 0.6). Results also go to --out.
@@ -81,7 +81,7 @@ def _run_jax(pipe, steps, batch, latents):
 
 
 def _jax_pipe(folder):
-    from vd_jax.loading import load_diffusers_folder
+    from vd_jax.convert.diffusers_folder import load_diffusers_folder
     from vd_jax.pipelines import VDPipeline
 
     return VDPipeline(load_diffusers_folder(folder, flows=("text_to_image",)))
@@ -112,7 +112,7 @@ def cold(impl: str, folder: str, steps: int, batch: int) -> None:
 
 
 def bench_size(size: str, steps: int, batch: int, repeats: int, workdir: str) -> dict:
-    from vd_jax.tiny_folder import build_components, save_folder
+    from vd_jax.convert.tiny_folder import build_components, save_folder
 
     comps = build_components(os.path.join(workdir, size + "_build"), size=size)
     folder = save_folder(comps, os.path.join(workdir, size))

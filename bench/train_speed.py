@@ -74,16 +74,18 @@ def model_flops(size: str, batch: int, dtype: str) -> tuple[float, str]:
     With the plain attention formula (the vd VJP's recomputation and cuDNN's opaque kernel
     would each count differently): XLA's cost analysis of the unoptimised step lowered for
     the CPU (exact windows at padded borders), else, where this jax gives none, the jaxpr's
-    matmuls and convolutions (`vd_jax.flop_count`, ~4% more at "small": it counts padding).
+    matmuls and convolutions (`vd_jax.train.flop_count`, ~4% more at "small": it counts padding).
     """
     import jax
 
-    from vd_jax import flop_count, train_lib
-    from vd_jax import sharding as shd
+    from vd_jax.data.input_pipeline import make_iterator
+    from vd_jax.train import flop_count
+    from vd_jax.train import sharding as shd
+    from vd_jax.train.trainer import Trainer
 
     c = jax_config(size, batch, dtype, "xla")
-    tr = train_lib.Trainer(c, shd.make_mesh("1,1", jax.devices("cpu")[:1]))
-    it = train_lib.make_iterator(c, process_index=0, process_count=1)
+    tr = Trainer(c, shd.make_mesh("1,1", jax.devices("cpu")[:1]))
+    it = make_iterator(c, process_index=0, process_count=1)
     traced = tr.trace(tr.global_batch(next(it)), None)
     try:
         cost = traced.lower().cost_analysis()
@@ -97,12 +99,13 @@ def jax_runner(size: str, batch: int, dtype: str, attention: str, cpu_convolutio
     """A compiled, warmed-up vd_jax step: (run one step and wait, its results' fields)."""
     import jax
 
-    from vd_jax import sharding as shd
-    from vd_jax import train_lib
+    from vd_jax.data.input_pipeline import make_iterator
+    from vd_jax.train import sharding as shd
+    from vd_jax.train.trainer import Trainer
 
     c = jax_config(size, batch, dtype, attention, cpu_convolutions)
-    tr = train_lib.Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
-    it = train_lib.make_iterator(c, process_index=0, process_count=1)
+    tr = Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
+    it = make_iterator(c, process_index=0, process_count=1)
     held = dict(state=tr.init_state())
     batch_ = tr.global_batch(next(it))
 
@@ -236,14 +239,14 @@ def main():
 
     import jax
 
-    from vd_jax import train_lib
+    from vd_jax.train.trainer import measure_peak_flops
 
     device = jax.devices()[0]
     dtype = a.dtype if a.dtype != "auto" else (
         "float32" if device.platform == "cpu" else "bfloat16"
     )  # fmt: skip
     cpu = device.platform == "cpu"
-    peak = train_lib.measure_peak_flops(2048 if cpu else None, 5 if cpu else 50, dtype)
+    peak = measure_peak_flops(2048 if cpu else None, 5 if cpu else 50, dtype)
     print(f"{device.device_kind}: {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
     results = dict(
         machine=dict(

@@ -1,4 +1,4 @@
-r"""Single-flow recipe ("VD-basic", vd_original.md §7): image variation from SD v1.4's U-Net.
+r"""Single-flow recipe ("VD-basic", docs/original.md §7): image variation from SD v1.4's U-Net.
 
 Batch 2048, lr 1e-4; only the flow's parts (global, data/image, context/image) exist.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.vd_four_flow import base_config, flows_config, parse_arg
-from vd_jax.objective import FLOWS
+from vd_jax.flows import TRAINABLE
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # XLA's CPU backend spends most of a tiny step's compile in LLVM optimisation; level 0
     # halves the compile for ~20% slower steps, the right trade for second-long runs.
     c.xla_opt_level = 0
-    c.flows = flows_config(tuple(FLOWS) if a.flows == "all" else tuple(a.flows.split("+")))
+    c.flows = flows_config(TRAINABLE if a.flows == "all" else tuple(a.flows.split("+")))
     c.flow_mode = a.mode
     c.optim.update(lr=3e-3, warmup_steps=2, schedule="constant")
     c.ema_decay = 0.99

@@ -1,4 +1,4 @@
-r"""VD's four-flow recipe (vd_original.md §7): batch 512, AdamW lr 5e-5, 256^2 then 512^2.
+r"""VD's four-flow recipe (docs/original.md §7): batch 512, AdamW lr 5e-5, 256^2 then 512^2.
 
 Algorithm 1: every step takes the loss of all four flows (text->image, image variation,
 image->text, text variation) on the batch and makes one update from the summed gradients.

@@ -29,7 +29,7 @@ def _torch_deterministic():
 def tiny_vd(tmp_path_factory):
     """A tiny random VD pipeline saved in diffusers format, with diffusers' reference pipelines."""
     pytest.importorskip("torch")
-    from vd_jax.tiny_folder import build_components, reference_pipelines, save_folder
+    from vd_jax.convert.tiny_folder import build_components, reference_pipelines, save_folder
 
     d = tmp_path_factory.mktemp("tiny_vd")
     comps = build_components(str(d))

@@ -1,5 +1,7 @@
 """Assertions shared by the parity tests."""
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -16,15 +18,5 @@ def assert_rel_close(actual, expected, tol: float = 1e-4, what: str = ""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
 
 
-def _shared_dir():
-    from pathlib import Path
-
-    # CI clones the repo with shared/ beside it; sessions have it at /work/shared.
-    for root in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
-        if root.is_dir():
-            return root
-    raise FileNotFoundError("shared/ (the project's fixtures) is not beside the repository")
-
-
-SHARED = _shared_dir()
-FIXTURES = SHARED / "fixtures" / "original_vd"  # key manifests of the released checkpoints
+# Key/shape manifests of the released checkpoints (tiny and full size), kept in the repository.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original_vd"

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vd_jax import applications as app
 from vd_jax.diffusion import ddim
 from vd_jax.diffusion.schedules import NoiseSchedule
+from vd_jax.pipelines import applications as app
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import assert_rel_close
 
-from vd_jax.nn.attention import CPU_CHUNK_BYTES, _num_chunks, attention, resolve_implementation
+from vd_jax.models.attention import CPU_CHUNK_BYTES, _num_chunks, attention, resolve_implementation
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -97,7 +97,7 @@ def test_implementation_choice():
 def test_context_block_implementations_agree():
     """A SpatialTransformer (the diffuser's context block) gives the same output with either
     implementation, on the same params (1e-5 relative)."""
-    from vd_jax.nn.layers import SpatialTransformer
+    from vd_jax.models.layers import SpatialTransformer
 
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((2, 4, 4, 32)), jnp.float32)

@@ -22,16 +22,17 @@ from vd_jax.convert.clip import (
     load_clip_text,
     load_clip_vision,
 )
-from vd_jax.image_processing import (
-    CLIPImageProcessorConfig,
-    preprocess,
-    unconditional_gray_image,
-)
+from vd_jax.models.abstract import abstract_params
 from vd_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextEncoder,
     CLIPVisionConfig,
     CLIPVisionEncoder,
+)
+from vd_jax.processing.images import (
+    CLIPImageProcessorConfig,
+    preprocess,
+    unconditional_gray_image,
 )
 
 TOL = 1e-4
@@ -287,7 +288,7 @@ def test_bad_checkpoints_name_the_key():
         projection_dim=4,
     )
     model = CLIPTextEncoder(cfg)
-    target = core.abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 7), jnp.int32))
+    target = abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 7), jnp.int32))
     flat = core.flatten(target)
     arrays = {}
     for r in clip_text_rules(cfg):

@@ -16,12 +16,13 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from vd_jax import input_pipeline, train_lib
-from vd_jax import sharding as shd
-from vd_jax.datasets.__main__ import main
-from vd_jax.fake_data import FakeTextVAE
-from vd_jax.metrics_writer import MetricsWriter
+from vd_jax.data import input_pipeline
+from vd_jax.data.cli import main
+from vd_jax.data.fake_data import FakeTextVAE
 from vd_jax.models.vae import encode_images
+from vd_jax.train import sharding as shd
+from vd_jax.train.loop import train_and_evaluate
+from vd_jax.train.metrics import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 # Two flows that together need all four cached entries (image/text latents and contexts).
@@ -159,7 +160,7 @@ def test_train_from_cache(cache, src, tmp_path, jit_cache):
     c.ema_decay = 0.0
     c.data = ml_collections.ConfigDict(dict(source="tfds", name="", data_dir=""))
     c.update_from_flattened_dict(cache["train_overrides"])
-    out = train_lib.train_and_evaluate(c, str(tmp_path), shd.make_mesh("1,1", jax.devices()[:1]))
+    out = train_and_evaluate(c, str(tmp_path), shd.make_mesh("1,1", jax.devices()[:1]))
     rows = MetricsWriter.read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)

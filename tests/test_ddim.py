@@ -105,7 +105,7 @@ def test_vd_schedule_facts():
     betas = s.betas()
     assert betas.shape == (1000,)
     np.testing.assert_allclose([betas[0], betas[-1]], [0.00085, 0.012], rtol=1e-12)
-    # VD's original DDIM-50 visits 981, 961, ..., 1 (vd_original.md section 5).
+    # VD's original DDIM-50 visits 981, 961, ..., 1 (docs/original.md section 5).
     ts = ddim.ddim_timesteps(s, 50)
     assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50
     ab = jnp.asarray(s.alphas_cumprod()[[0, 999]], jnp.float32)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from vd_jax import sharding as shd
-from vd_jax import train_lib
-from vd_jax.flop_count import jaxpr_flops
+from vd_jax.data.input_pipeline import make_iterator
+from vd_jax.train import sharding as shd
+from vd_jax.train.flop_count import jaxpr_flops
+from vd_jax.train.trainer import Trainer
 
 
 def _count(fn, *args) -> float:
@@ -46,8 +47,8 @@ def test_train_step_count_near_xla_cost_model(attention):
     (which skips padded convolution borders and counts elementwise work)."""
     c = tiny.get_config("flows=text_to_image")
     c.model.attention = attention
-    tr = train_lib.Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
-    batch = tr.global_batch(next(train_lib.make_iterator(c, process_index=0, process_count=1)))
+    tr = Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
+    batch = tr.global_batch(next(make_iterator(c, process_index=0, process_count=1)))
     traced = tr.trace(batch, None)
     ours = jaxpr_flops(traced.jaxpr)
     xla = traced.lower().cost_analysis()["flops"]
@@ -61,8 +62,8 @@ def test_trainer_counts_per_device():
 
     def count(mesh):
         devices = jax.devices()[: 1 if mesh == "1,1" else 8]
-        tr = train_lib.Trainer(c, shd.make_mesh(mesh, devices))
-        it = train_lib.make_iterator(c, process_index=0, process_count=1)
+        tr = Trainer(c, shd.make_mesh(mesh, devices))
+        it = make_iterator(c, process_index=0, process_count=1)
         return tr.device_flops(tr.trace(tr.global_batch(next(it)), None))
 
     one, eight = count("1,1"), count("4,2")

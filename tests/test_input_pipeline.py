@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vd_jax import input_pipeline
-from vd_jax.datasets import build_from_folder, build_from_webdataset, write_latent_cache
+from vd_jax.data import build_from_folder, build_from_webdataset, input_pipeline, write_latent_cache
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import assert_rel_close
 
-from vd_jax.nn.layers import GroupNorm, group_norm
+from vd_jax.models.layers import GroupNorm, group_norm
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

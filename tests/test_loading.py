@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from vd_jax.convert import core
 from vd_jax.convert.core import CheckpointError
-from vd_jax.loading import component_state_dict, load_diffusers_folder
+from vd_jax.convert.diffusers_folder import component_state_dict, load_diffusers_folder
 
 UNET = "image_unet/diffusion_pytorch_model.safetensors"
 

@@ -3,7 +3,7 @@
 Parity models are tiny random transformers `BertModel` / `GPT2LMHeadModel`s with
 odd sizes. Optimus' latent connector has no transformers counterpart, so its
 reference is written here in PyTorch from the documented equations
-(shared/research/vd_original.md §4.4) on top of the tiny GPT-2's modules.
+(docs/original.md §4.4) on top of the tiny GPT-2's modules.
 """
 
 import json
@@ -33,7 +33,15 @@ from vd_jax.models.optimus import (
     GPT2Decoder,
     optimus_configs,
 )
-from vd_jax.optimus_tokenizers import (
+from vd_jax.models.text_decoding import (
+    beam_search,
+    decode_texts,
+    filter_logits,
+    greedy,
+    remove_duplicate_words,
+    sample,
+)
+from vd_jax.processing.optimus_tokenizers import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -41,14 +49,6 @@ from vd_jax.optimus_tokenizers import (
     encode_for_optimus,
     load_bert_tokenizer,
     load_gpt2_tokenizer,
-)
-from vd_jax.text_decoding import (
-    beam_search,
-    decode_texts,
-    filter_logits,
-    greedy,
-    remove_duplicate_words,
-    sample,
 )
 
 TOL = 1e-4

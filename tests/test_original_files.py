@@ -11,11 +11,11 @@ from helpers import FIXTURES
 from PIL import Image
 
 from configs import sample as sample_config
-from vd_jax import sampling
 from vd_jax.convert import core
 from vd_jax.convert.core import CheckpointError
-from vd_jax.loading import load_models
-from vd_jax.loading_original import _SCHEDULE_BUFFERS, _check_accounted
+from vd_jax.convert.load import load_models
+from vd_jax.convert.original_files import _SCHEDULE_BUFFERS, _check_accounted
+from vd_jax.pipelines import sampling
 
 torch = pytest.importorskip("torch")
 

@@ -17,10 +17,9 @@ torch = pytest.importorskip("torch")
 from dual_patch import patch_dual_transformer  # noqa: E402
 
 from configs import sample as sample_config  # noqa: E402
-from vd_jax import sampling  # noqa: E402
-from vd_jax.loading import load_diffusers_folder  # noqa: E402
-from vd_jax.pipelines import VDPipeline  # noqa: E402
-from vd_jax.tiny_folder import IMAGE_PX, sample_picture  # noqa: E402
+from vd_jax.convert.diffusers_folder import load_diffusers_folder  # noqa: E402
+from vd_jax.convert.tiny_folder import IMAGE_PX, sample_picture  # noqa: E402
+from vd_jax.pipelines import VDPipeline, sampling  # noqa: E402
 
 PIXEL_TOL = 2e-3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ import jax
 import pytest
 
 from configs import tiny
-from vd_jax import train_lib
-from vd_jax.metrics_writer import MetricsWriter
+from vd_jax.train.loop import train_and_evaluate
+from vd_jax.train.metrics import MetricsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWS = "text_to_image+image_to_text"
@@ -64,7 +64,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
     c = tiny.get_config(TINY_ARG)
     c.num_steps, c.mesh_shape, c.checkpoint_every, c.peak_flops = STEPS, "4,2", 1000, 1.0
     c.sample_every = -1
-    train_lib.train_and_evaluate(c, str(tmp_path / "single"))
+    train_and_evaluate(c, str(tmp_path / "single"))
     for p in procs:
         out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out[-3000:]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import FIXTURES, assert_rel_close
 
+from vd_jax import flows as vd_flows
 from vd_jax.convert.core import (
     TRANSFORMS,
     CheckpointError,
@@ -19,6 +20,7 @@ from vd_jax.convert.core import (
 )
 from vd_jax.convert.unet import (
     config_from_original,
+    diffuser_config_from_diffusers,
     diffusers_rules,
     load_diffuser,
     load_original,
@@ -29,7 +31,6 @@ from vd_jax.models.unet import (
     DiffuserConfig,
     VDDiffuser,
     abstract_params,
-    flow_parts,
     init_params,
 )
 
@@ -93,7 +94,7 @@ def setup(tmp_path_factory):
             "text_unet."
         ),
     )
-    config = DiffuserConfig.from_diffusers(
+    config = diffuser_config_from_diffusers(
         json.loads((root / "image_unet/config.json").read_text()),
         json.loads((root / "text_unet/config.json").read_text()),
     )
@@ -170,13 +171,13 @@ def test_config_from_diffusers(setup):
     image = dict(setup["image_unet"].config)
     text = dict(setup["text_unet"].config)
     with pytest.raises(ValueError, match="block_out_channels"):
-        DiffuserConfig.from_diffusers(image, dict(text, block_out_channels=[32, 96]))
+        diffuser_config_from_diffusers(image, dict(text, block_out_channels=[32, 96]))
     with pytest.raises(ValueError, match="attention_head_dim"):
-        DiffuserConfig.from_diffusers(image, dict(text, attention_head_dim=2))
+        diffuser_config_from_diffusers(image, dict(text, attention_head_dim=2))
     with pytest.raises(ValueError, match="use_linear_projection"):
-        DiffuserConfig.from_diffusers(dict(image, use_linear_projection=True), text)
+        diffuser_config_from_diffusers(dict(image, use_linear_projection=True), text)
     with pytest.raises(ValueError, match="up_block_types"):
-        DiffuserConfig.from_diffusers(dict(image, up_block_types=["UpBlock2D", "UpBlock2D"]))
+        diffuser_config_from_diffusers(dict(image, up_block_types=["UpBlock2D", "UpBlock2D"]))
 
 
 def test_param_tree_layout(setup):
@@ -267,7 +268,7 @@ def test_text_unet_time_embedding_is_the_shared_one(setup):
 
 
 def test_partial_load_only_touches_the_flow(setup):
-    parts = flow_parts("image", ["text"])
+    parts = vd_flows.parts(["text_to_image"])
     params = load_diffuser(setup["state"], setup["config"], parts)
     assert set(params) == {"global", "data", "context"}
     assert set(params["data"]) == {"image"} and set(params["context"]) == {"text"}
@@ -277,7 +278,7 @@ def test_partial_load_only_touches_the_flow(setup):
     image_only = StateDict.from_arrays(
         {k: setup["state"][k] for k in setup["state"] if k.startswith("image_unet.")}
     )
-    load_diffuser(image_only, setup["config"], flow_parts("image", ["image"]))
+    load_diffuser(image_only, setup["config"], vd_flows.parts(["image_variation"]))
 
 
 def _arrays(state):
@@ -325,7 +326,7 @@ def test_init_and_abstract_params_follow_parts(setup):
     cfg = setup["config"]
     shapes = jax.tree_util.tree_map(lambda a: a.shape, setup["params"])
     assert jax.tree_util.tree_map(lambda a: a.shape, abstract_params(cfg)) == shapes
-    flow = abstract_params(cfg, flow_parts("text", ["image"]))
+    flow = abstract_params(cfg, vd_flows.parts(["image_to_text"]))
     assert set(flow["data"]) == {"text"} and set(flow["context"]) == {"image"}
     # Real init is slow on CPU (a PRNG kernel per shape): init only the global layer here.
     params = init_params(cfg, jax.random.key(1), ["global"])

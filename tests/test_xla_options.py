@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from vd_jax import sharding as shd
-from vd_jax import train_lib, xla_options
+from vd_jax import xla_options
+from vd_jax.data.input_pipeline import make_iterator
+from vd_jax.train import sharding as shd
+from vd_jax.train.trainer import Trainer
 
 
 def _conv(x, w):
@@ -89,14 +91,14 @@ def test_convolutions_leave_ynnpack_with_the_same_numbers():
 def _trainer(cpu_convolutions: str):
     c = tiny.get_config("levels=1,flows=text_to_image")
     c.cpu_convolutions = cpu_convolutions
-    return c, train_lib.Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
+    return c, Trainer(c, shd.make_mesh("1,1", jax.devices()[:1]))
 
 
 def test_trainer_step_takes_the_config_choice_with_the_same_losses():
     losses = {}
     for name in ("eigen", "ynnpack"):
         c, tr = _trainer(name)
-        it = train_lib.make_iterator(c, process_index=0, process_count=1)
+        it = make_iterator(c, process_index=0, process_count=1)
         state, batch = tr.init_state(), tr.global_batch(next(it))
         losses[name] = []
         for _ in range(3):

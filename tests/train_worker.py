@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main():
     port, pid, workdir, steps, tiny_arg = sys.argv[1:6]
     from configs import tiny
-    from vd_jax import train_lib
+    from vd_jax.train.loop import train_and_evaluate
 
     c = tiny.get_config(tiny_arg)
     c.num_steps, c.mesh_shape = int(steps), "4,2"
@@ -26,7 +26,7 @@ def main():
         process_id=int(pid),
     )
     c.compilation_cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
-    train_lib.train_and_evaluate(c, workdir)
+    train_and_evaluate(c, workdir)
 
 
 if __name__ == "__main__":

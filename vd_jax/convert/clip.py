@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from vd_jax.convert import core
-from vd_jax.convert.core import Rule, StateDict, conv, embedding, linear, norm
+from vd_jax.convert.core import Rule, StateDict, conv, embedding, linear, norm, repeated
+from vd_jax.models.abstract import abstract_params
 from vd_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextEncoder,
@@ -50,17 +51,21 @@ def clip_ignore(tower: str, prefix: str = "") -> list[str]:
     return [*CLIP_IGNORE, rf"{p}logit_scale", *other]
 
 
+# One encoder layer of either tower, in transformers' module names.
+_ENCODER_LAYER = (
+    (linear, "self_attn.q_proj"),
+    (linear, "self_attn.k_proj"),
+    (linear, "self_attn.v_proj"),
+    (linear, "self_attn.out_proj"),
+    (norm, "layer_norm1"),
+    (linear, "mlp.fc1"),
+    (linear, "mlp.fc2"),
+    (norm, "layer_norm2"),
+)
+
+
 def _encoder_rules(src: str, num_layers: int) -> list[Rule]:
-    rules: list[Rule] = []
-    for i in range(num_layers):
-        s, d = f"{src}.encoder.layers.{i}", f"encoder/layers_{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            rules += linear(f"{s}.self_attn.{proj}", f"{d}/self_attn/{proj}")
-        rules += norm(f"{s}.layer_norm1", f"{d}/layer_norm1")
-        rules += linear(f"{s}.mlp.fc1", f"{d}/mlp/fc1")
-        rules += linear(f"{s}.mlp.fc2", f"{d}/mlp/fc2")
-        rules += norm(f"{s}.layer_norm2", f"{d}/layer_norm2")
-    return rules
+    return repeated(f"{src}.encoder.layers", "encoder/layers", num_layers, _ENCODER_LAYER)
 
 
 def clip_text_rules(cfg: CLIPTextConfig, prefix: str = "") -> list[Rule]:
@@ -89,81 +94,59 @@ def clip_vision_rules(cfg: CLIPVisionConfig, prefix: str = "") -> list[Rule]:
     ]
 
 
-def _under(state: StateDict, prefix: str) -> StateDict:
-    # A prefix names one component of a multi-component file (VD's old checkpoint holds the
-    # diffuser, both VAEs and CLIP): only the keys under it are this loader's business.
-    return state.without(f"(?!{re.escape(prefix)}).*") if prefix else state
-
-
-def load_clip_text(
+def load_clip_tower(
     state: StateDict,
-    cfg: CLIPTextConfig,
+    cfg: CLIPTextConfig | CLIPVisionConfig,
     *,
     prefix: str = "",
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
 ) -> dict[str, Any]:
-    """Loads `CLIPTextEncoder` params from a transformers state dict.
+    """Loads the params of the CLIP tower `cfg` configures from a transformers state dict.
 
     Args:
-      state: a `CLIPTextModelWithProjection` or full `CLIPModel` state dict (keys of
-        the vision tower and `logit_scale` are ignored).
-      cfg: the text config (`CLIPTextConfig.from_hf`).
+      state: a `CLIPTextModelWithProjection` / `CLIPVisionModelWithProjection` or full
+        `CLIPModel` state dict (keys of the other tower and `logit_scale` are ignored).
+      cfg: `CLIPTextConfig` for a `CLIPTextEncoder`, `CLIPVisionConfig` for a
+        `CLIPVisionEncoder` (`.from_hf` of the transformers config).
       prefix: put in front of every transformers key ("clip.model." for VD's old
-        checkpoint); keys outside the prefix are not looked at.
+        checkpoint); keys outside the prefix are not looked at, since there they name
+        the other components of a multi-component file.
       dtype: compute dtype of the model the params are for (does not change them).
       param_dtype: dtype of the returned arrays.
 
     Returns:
-      Nested dict of numpy arrays for `CLIPTextEncoder(cfg).apply({"params": ...})`.
+      Nested dict of numpy arrays for `CLIPTextEncoder(cfg)` / `CLIPVisionEncoder(cfg)`
+      `.apply({"params": ...})`.
 
     Raises:
       CheckpointError: naming every missing, unexpected or mis-shaped key.
     """
-    model = CLIPTextEncoder(cfg, dtype=dtype, param_dtype=param_dtype)
-    ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
-    target = core.abstract_params(model.init, jax.random.key(0), ids)
+    if isinstance(cfg, CLIPTextConfig):
+        tower, rules = "text", clip_text_rules(cfg, prefix)
+        model = CLIPTextEncoder(cfg, dtype=dtype, param_dtype=param_dtype)
+        example = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
+    elif isinstance(cfg, CLIPVisionConfig):
+        tower, rules = "vision", clip_vision_rules(cfg, prefix)
+        model = CLIPVisionEncoder(cfg, dtype=dtype, param_dtype=param_dtype)
+        shape = (1, cfg.image_size, cfg.image_size, cfg.num_channels)
+        example = jnp.zeros(shape, jnp.float32)
+    else:
+        raise TypeError(f"cfg must be a CLIPTextConfig or CLIPVisionConfig, got {type(cfg)}")
     return core.load_params(
-        _under(state, prefix),
-        clip_text_rules(cfg, prefix),
-        target,
-        ignore=clip_ignore("text", prefix),
-        what="CLIP text tower",
+        state.under(prefix),
+        rules,
+        abstract_params(model.init, jax.random.key(0), example),
+        ignore=clip_ignore(tower, prefix),
+        what=f"CLIP {tower} tower",
     )
 
 
-def load_clip_vision(
-    state: StateDict,
-    cfg: CLIPVisionConfig,
-    *,
-    prefix: str = "",
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-) -> dict[str, Any]:
-    """Loads `CLIPVisionEncoder` params from a transformers state dict.
+def load_clip_text(state: StateDict, cfg: CLIPTextConfig, **options: Any) -> dict[str, Any]:
+    """`load_clip_tower` for the text tower: `CLIPTextEncoder` params."""
+    return load_clip_tower(state, cfg, **options)
 
-    Args:
-      state: a `CLIPVisionModelWithProjection` or full `CLIPModel` state dict (keys of
-        the text tower and `logit_scale` are ignored).
-      cfg: the vision config (`CLIPVisionConfig.from_hf`).
-      prefix: put in front of every transformers key ("clip.model." for VD's old
-        checkpoint); keys outside the prefix are not looked at.
-      dtype: compute dtype of the model the params are for (does not change them).
-      param_dtype: dtype of the returned arrays.
 
-    Returns:
-      Nested dict of numpy arrays for `CLIPVisionEncoder(cfg).apply({"params": ...})`.
-
-    Raises:
-      CheckpointError: naming every missing, unexpected or mis-shaped key.
-    """
-    model = CLIPVisionEncoder(cfg, dtype=dtype, param_dtype=param_dtype)
-    pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    target = core.abstract_params(model.init, jax.random.key(0), pixels)
-    return core.load_params(
-        _under(state, prefix),
-        clip_vision_rules(cfg, prefix),
-        target,
-        ignore=clip_ignore("vision", prefix),
-        what="CLIP vision tower",
-    )
+def load_clip_vision(state: StateDict, cfg: CLIPVisionConfig, **options: Any) -> dict[str, Any]:
+    """`load_clip_tower` for the vision tower: `CLIPVisionEncoder` params."""
+    return load_clip_tower(state, cfg, **options)

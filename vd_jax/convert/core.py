@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 
@@ -95,6 +94,29 @@ def embedding(src: str, dst: str) -> list[Rule]:
     return [Rule(f"{src}.weight", f"{dst}/embedding")]
 
 
+Shorthand = Callable[[str, str], list[Rule]]
+
+
+def repeated(src: str, dst: str, count: int, layer: Sequence[tuple[Shorthand, str]]) -> list[Rule]:
+    """The rules of `count` alike layers, from the table of one.
+
+    Args:
+      src: torch name of the layer list; layer `i` is `{src}.{i}`.
+      dst: Flax path of the layers without the index; layer `i` is `{dst}_{i}`.
+      count: how many layers.
+      layer: (shorthand, torch module name inside the layer) per module, in table order;
+        the Flax path inside the layer is the torch name with '/' for '.'.
+
+    Returns:
+      The rules of layer 0, then layer 1, and so on.
+    """
+    rules: list[Rule] = []
+    for i in range(count):
+        for shorthand, name in layer:
+            rules += shorthand(f"{src}.{i}.{name}", f"{dst}_{i}/{name.replace('.', '/')}")
+    return rules
+
+
 # --------------------------------------------------------------------------- state dicts
 
 
@@ -154,6 +176,10 @@ class StateDict(Mapping[str, np.ndarray]):
         rx = re.compile(pattern)
         keep = {k: s for k, s in self._shapes.items() if not rx.fullmatch(k)}
         return StateDict(keep, self._getter, self.source, self._dtypes)
+
+    def under(self, prefix: str) -> StateDict:
+        """A view of only the keys that start with `prefix` (all of them when it is "")."""
+        return self.without(f"(?!{re.escape(prefix)}).*") if prefix else self
 
 
 def merge(*dicts: StateDict) -> StateDict:
@@ -307,26 +333,30 @@ def load_params(
     """
     rules = list(rules)
     target = flatten(abstract_params)
-    ignore_rx = [re.compile(p) for p in ignore]
-
-    problems: list[str] = []
-    by_dst: dict[str, Rule] = {}
-    dup = []
+    # Every problem is checked before any tensor is read, so one error names all of them.
+    problems = _file_problems(state, rules, target, ignore) + _table_problems(rules, target)
+    if problems:
+        raise CheckpointError(f"cannot load {what} from {state.source}:\n" + "\n".join(problems))
+    flat = {}
     for r in rules:
-        if r.dst in by_dst:
-            dup.append(r.dst)
-        by_dst[r.dst] = r
-    missing = [r.src for r in rules if r.src not in state]
+        arr = TRANSFORMS[r.transform](np.asarray(state[r.src]))
+        flat[r.dst] = np.ascontiguousarray(arr).astype(target[r.dst].dtype, copy=False)
+    return unflatten(flat)
+
+
+def _listings(sections: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
+    return [_listing(title, items) for title, items in sections if items]
+
+
+def _file_problems(
+    state: StateDict, rules: Sequence[Rule], target: Mapping[str, Any], ignore: Sequence[str]
+) -> list[str]:
+    """Where the file disagrees with the table: missing, unexpected, mis-shaped, non-float keys."""
+    ignore_rx = [re.compile(p) for p in ignore]
     src_used = {r.src for r in rules}
+    missing = [r.src for r in rules if r.src not in state]
     unexpected = sorted(
         k for k in state if k not in src_used and not any(rx.fullmatch(k) for rx in ignore_rx)
-    )
-    unmapped = sorted(p for p in target if p not in by_dst)
-    no_target = sorted(r.dst for r in rules if r.dst not in target)
-    bad_dtype = sorted(
-        f"{r.src}: {state.dtype(r.src)}"
-        for r in rules
-        if r.src in state and state.dtype(r.src) and state.dtype(r.src) not in _FLOAT_DTYPES
     )
     bad_shape = []
     for r in rules:
@@ -337,33 +367,40 @@ def load_params(
                 bad_shape.append(
                     f"{r.src} {list(state.shape(r.src))} -> {r.dst}: expected {list(want)}"
                 )
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
-    if bad_shape:
-        problems.append(_listing("wrong shapes", bad_shape))
-    if bad_dtype:
-        problems.append(_listing("wrong dtypes (weights must be floating point)", bad_dtype))
-    # These three are bugs in the table or a config that does not match the file: say so.
-    for title, items in (
-        ("params written twice by the key table", dup),
-        ("model params no key maps to (config does not match the file?)", unmapped),
-        ("key-table targets the model does not have", no_target),
-    ):
-        if items:
-            problems.append(_listing(title, items))
-    if problems:
-        raise CheckpointError(f"cannot load {what} from {state.source}:\n" + "\n".join(problems))
+    bad_dtype = sorted(
+        f"{r.src}: {state.dtype(r.src)}"
+        for r in rules
+        if r.src in state and state.dtype(r.src) and state.dtype(r.src) not in _FLOAT_DTYPES
+    )
+    return _listings(
+        [
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", bad_shape),
+            ("wrong dtypes (weights must be floating point)", bad_dtype),
+        ]
+    )
 
-    flat = {}
+
+def _table_problems(rules: Sequence[Rule], target: Mapping[str, Any]) -> list[str]:
+    """Where the table disagrees with the model."""
+    # These are bugs in the table or a config that does not match the file: say so.
+    mapped: set[str] = set()
+    dup = []
     for r in rules:
-        arr = TRANSFORMS[r.transform](np.asarray(state[r.src]))
-        flat[r.dst] = np.ascontiguousarray(arr).astype(target[r.dst].dtype, copy=False)
-    return unflatten(flat)
-
-
-def abstract_params(init_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """`jax.eval_shape(init_fn, ...)['params']` as a plain nested dict: shapes, no memory."""
-    variables = jax.eval_shape(init_fn, *args, **kwargs)
-    return jax.tree_util.tree_map(lambda x: x, dict(variables["params"]))
+        if r.dst in mapped:
+            dup.append(r.dst)
+        mapped.add(r.dst)
+    return _listings(
+        [
+            ("params written twice by the key table", dup),
+            (
+                "model params no key maps to (config does not match the file?)",
+                sorted(p for p in target if p not in mapped),
+            ),
+            (
+                "key-table targets the model does not have",
+                sorted(r.dst for r in rules if r.dst not in target),
+            ),
+        ]
+    )

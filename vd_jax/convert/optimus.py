@@ -1,6 +1,6 @@
 """Optimus text-VAE state dicts -> vd_jax.models.optimus params.
 
-`optimus-vae.pth` (shared/research/vd_original.md §8.3) holds the encoder under
+`optimus-vae.pth` (docs/original.md §8.3) holds the encoder under
 `encoder.*` (transformers `BertModel` names plus Optimus' `encoder.linear`) and
 the decoder under `decoder.*` (`decoder.transformer.*` in `GPT2Model` names plus
 `linear` / `linear_emb`, and `decoder.lm_head.weight`). VD's old full
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,13 +28,48 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax.convert import core
-from vd_jax.convert.core import CheckpointError, Rule, StateDict, embedding, linear, norm
+from vd_jax.convert.core import (
+    CheckpointError,
+    Rule,
+    StateDict,
+    embedding,
+    linear,
+    norm,
+    repeated,
+)
+from vd_jax.models.abstract import abstract_params
 from vd_jax.models.bert import BertConfig, BertEncoder
 from vd_jax.models.gpt2 import GPT2Config, GPT2Decoder
 
-# Buffers of a BertModel / GPT-2 state dict (files from older transformers keep them).
+# Buffers of a BertModel state dict (files from older transformers keep them); GPT-2's
+# mask buffers are in `tied_ignore`.
 _BERT_BUFFERS = (r".*embeddings\.position_ids",)
-_GPT2_BUFFERS = (r".*\.attn\.(bias|masked_bias)",)
+
+
+def _conv1d(src: str, dst: str) -> list[Rule]:
+    # GPT-2's Conv1D stores its weight [in, out], which already is a Flax kernel.
+    return [Rule(f"{src}.weight", f"{dst}/kernel"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+# One layer of each model, in transformers' module names.
+_BERT_LAYER = (
+    (linear, "attention.self.query"),
+    (linear, "attention.self.key"),
+    (linear, "attention.self.value"),
+    (linear, "attention.output.dense"),
+    (norm, "attention.output.LayerNorm"),
+    (linear, "intermediate.dense"),
+    (linear, "output.dense"),
+    (norm, "output.LayerNorm"),
+)
+_GPT2_LAYER = (
+    (norm, "ln_1"),
+    (_conv1d, "attn.c_attn"),
+    (_conv1d, "attn.c_proj"),
+    (norm, "ln_2"),
+    (_conv1d, "mlp.c_fc"),
+    (_conv1d, "mlp.c_proj"),
+)
 
 
 def bert_rules(cfg: BertConfig, prefix: str = "", *, latent_head: bool = False) -> list[Rule]:
@@ -54,24 +90,11 @@ def bert_rules(cfg: BertConfig, prefix: str = "", *, latent_head: bool = False) 
         *embedding(f"{p}embeddings.token_type_embeddings", "embeddings/token_type_embeddings"),
         *norm(f"{p}embeddings.LayerNorm", "embeddings/LayerNorm"),
     ]
-    for i in range(cfg.num_hidden_layers):
-        s, d = f"{p}encoder.layer.{i}", f"encoder/layer_{i}"
-        for proj in ("query", "key", "value"):
-            rules += linear(f"{s}.attention.self.{proj}", f"{d}/attention/self/{proj}")
-        rules += linear(f"{s}.attention.output.dense", f"{d}/attention/output/dense")
-        rules += norm(f"{s}.attention.output.LayerNorm", f"{d}/attention/output/LayerNorm")
-        rules += linear(f"{s}.intermediate.dense", f"{d}/intermediate/dense")
-        rules += linear(f"{s}.output.dense", f"{d}/output/dense")
-        rules += norm(f"{s}.output.LayerNorm", f"{d}/output/LayerNorm")
+    rules += repeated(f"{p}encoder.layer", "encoder/layer", cfg.num_hidden_layers, _BERT_LAYER)
     rules += linear(f"{p}pooler.dense", "pooler/dense")
     if latent_head:
         rules += linear(f"{p}linear", "linear", bias=False)
     return rules
-
-
-def _conv1d(src: str, dst: str) -> list[Rule]:
-    # GPT-2's Conv1D stores its weight [in, out], which already is a Flax kernel.
-    return [Rule(f"{src}.weight", f"{dst}/kernel"), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
 def gpt2_rules(cfg: GPT2Config, prefix: str = "", *, latent_connector: bool = False) -> list[Rule]:
@@ -91,14 +114,7 @@ def gpt2_rules(cfg: GPT2Config, prefix: str = "", *, latent_connector: bool = Fa
     """
     t = f"{prefix}transformer"
     rules = [*embedding(f"{t}.wte", "wte"), *embedding(f"{t}.wpe", "wpe")]
-    for i in range(cfg.n_layer):
-        s, d = f"{t}.h.{i}", f"h_{i}"
-        rules += norm(f"{s}.ln_1", f"{d}/ln_1")
-        rules += _conv1d(f"{s}.attn.c_attn", f"{d}/attn/c_attn")
-        rules += _conv1d(f"{s}.attn.c_proj", f"{d}/attn/c_proj")
-        rules += norm(f"{s}.ln_2", f"{d}/ln_2")
-        rules += _conv1d(f"{s}.mlp.c_fc", f"{d}/mlp/c_fc")
-        rules += _conv1d(f"{s}.mlp.c_proj", f"{d}/mlp/c_proj")
+    rules += repeated(f"{t}.h", "h", cfg.n_layer, _GPT2_LAYER)
     rules += norm(f"{t}.ln_f", "ln_f")
     if latent_connector:
         rules += linear(f"{t}.linear", "linear", bias=False)
@@ -131,11 +147,6 @@ def optimus_ignore(prefix: str = "") -> list[str]:
     return [*(re.escape(prefix) + b for b in _BERT_BUFFERS), *tied_ignore(f"{prefix}decoder.")]
 
 
-def _under(state: StateDict, prefix: str) -> StateDict:
-    # In VD's old full checkpoint only the keys under the prefix are Optimus'.
-    return state.without(f"(?!{re.escape(prefix)}).*") if prefix else state
-
-
 def _check_tied(state: StateDict, wte_key: str, head_key: str):
     if head_key not in state:
         return
@@ -148,21 +159,24 @@ def _check_tied(state: StateDict, wte_key: str, head_key: str):
         )
 
 
+def _abstract_on_ids(init: Callable[..., Any], *inputs: Any) -> dict[str, Any]:
+    """Param shapes from `init` on two token ids (and `inputs`); no memory used."""
+    # The params do not depend on the sequence length, so the shortest one traces fastest.
+    return abstract_params(init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32), *inputs)
+
+
 def abstract_optimus(
     bert_cfg: BertConfig, gpt2_cfg: GPT2Config, *, dtype: Any = jnp.float32, param_dtype=None
 ) -> dict[str, Any]:
     """Shapes of the Optimus params ({'encoder': ..., 'decoder': ...}), no memory used."""
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    ids = jnp.zeros((1, 2), jnp.int32)
     enc = BertEncoder(bert_cfg, **kw)
     dec = GPT2Decoder(gpt2_cfg, **kw)
     z = jnp.zeros((1, gpt2_cfg.latent_size), jnp.float32)
     return {
-        "encoder": core.abstract_params(
-            functools.partial(enc.init, method="latent"), jax.random.key(0), ids
-        ),
-        "decoder": core.abstract_params(dec.init, jax.random.key(0), ids, z),
+        "encoder": _abstract_on_ids(functools.partial(enc.init, method="latent")),
+        "decoder": _abstract_on_ids(dec.init, z),
     }
 
 
@@ -194,7 +208,8 @@ def load_optimus(
       CheckpointError: naming every missing, unexpected or mis-shaped key.
     """
     target = abstract_optimus(bert_cfg, gpt2_cfg, dtype=dtype, param_dtype=param_dtype)
-    state = _under(state, prefix)
+    # In VD's old full checkpoint only the keys under the prefix are Optimus'.
+    state = state.under(prefix)
     params = core.load_params(
         state,
         optimus_rules(bert_cfg, gpt2_cfg, prefix),
@@ -212,12 +227,10 @@ def load_bert(
     state: StateDict, cfg: BertConfig, *, prefix: str = "", param_dtype: Any = jnp.float32
 ) -> dict[str, Any]:
     """Loads a plain transformers `BertModel` state dict into `BertEncoder` params (no `linear`)."""
-    model = BertEncoder(cfg, param_dtype=param_dtype)
-    target = core.abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     return core.load_params(
-        _under(state, prefix),
+        state.under(prefix),
         bert_rules(cfg, prefix),
-        target,
+        _abstract_on_ids(BertEncoder(cfg, param_dtype=param_dtype).init),
         ignore=[re.escape(prefix) + b for b in _BERT_BUFFERS],
         what="BERT encoder",
     )
@@ -227,9 +240,8 @@ def load_gpt2(
     state: StateDict, cfg: GPT2Config, *, prefix: str = "", param_dtype: Any = jnp.float32
 ) -> dict[str, Any]:
     """Loads a plain transformers `GPT2LMHeadModel` state dict into `GPT2Decoder` params."""
-    model = GPT2Decoder(cfg, param_dtype=param_dtype)
-    target = core.abstract_params(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    state = _under(state, prefix)
+    target = _abstract_on_ids(GPT2Decoder(cfg, param_dtype=param_dtype).init)
+    state = state.under(prefix)
     params = core.load_params(
         state, gpt2_rules(cfg, prefix), target, ignore=tied_ignore(prefix), what="GPT-2"
     )

@@ -145,8 +145,20 @@ def _parse(cfg: dict, name: str, *, flat: bool) -> dict[str, Any]:
     return fields | {"text_dim": shape[0], "text_second_dim": 4}
 
 
-def config_fields_from_diffusers(image_unet: dict, text_unet: dict | None) -> dict[str, Any]:
-    """`DiffuserConfig` fields from diffusers' two U-Net configs (see `from_diffusers`)."""
+def diffuser_config_from_diffusers(
+    image_unet: dict, text_unet: dict | None = None
+) -> DiffuserConfig:
+    """The `DiffuserConfig` of diffusers' `image_unet/config.json` (+ `text_unet/config.json`).
+
+    Args:
+      image_unet: the `UNet2DConditionModel` config dict.
+      text_unet: the `UNetFlatConditionModel` config dict, or None for an image-only
+        diffuser (the text sizes then keep their defaults).
+
+    Raises:
+      ValueError: naming the field, for an option VD's diffuser does not have or
+        when the two U-Nets disagree on layer order or widths.
+    """
     fields = _parse(image_unet, "image_unet", flat=False)
     if text_unet is not None:
         text = _parse(text_unet, "text_unet", flat=True)
@@ -157,7 +169,7 @@ def config_fields_from_diffusers(image_unet: dict, text_unet: dict | None) -> di
                     f"{value!r} vs {fields[key]!r}"
                 )
         fields |= text
-    return fields
+    return DiffuserConfig(**fields)
 
 
 # --------------------------------------------------------------------------- module names
@@ -313,8 +325,8 @@ def load_diffuser(
     Args:
       state: `image_unet.*` + `text_unet.*` keys (either may be absent if `parts` do not
         need it).
-      config: the diffuser's sizes (e.g. `DiffuserConfig.from_diffusers`).
-      parts: param parts to load (default all), e.g. `unet.flow_parts('image', ['text'])`.
+      config: the diffuser's sizes (e.g. `diffuser_config_from_diffusers`).
+      parts: param parts to load (default all), e.g. `vd_jax.flows.parts(['text_to_image'])`.
       param_dtype: dtype of the returned arrays.
 
     Raises:

@@ -14,7 +14,6 @@ Three layouts of the same tensors:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 
 from vd_jax.convert import core
 from vd_jax.convert.core import Rule, conv, conv1x1_as_dense, linear, norm
+from vd_jax.models.abstract import abstract_params
 from vd_jax.models.vae import AutoencoderKL, VAEConfig
 
 LAYOUTS = ("diffusers", "diffusers_legacy", "ldm")
@@ -70,6 +70,50 @@ def _mid(src: str, dst: str, cfg: VAEConfig, layout: str) -> list[Rule]:
     return rules
 
 
+def _level(
+    src: str, dst: str, widths: tuple[int, ...], i: int, resnets: int, kind: str, layout: str
+) -> list[Rule]:
+    """Level `i` of a half whose levels run through `widths`, `kind` "down" or "up"."""
+    ldm = layout == "ldm"
+    # Only a level's first resnet can change the width, so only it can have a shortcut conv.
+    widens = i > 0 and widths[i - 1] != widths[i]
+    rules: list[Rule] = []
+    for j in range(resnets):
+        res = f"{src}.block.{j}" if ldm else f"{src}.resnets.{j}"
+        rules += _resnet(res, f"{dst}/resnets_{j}", j == 0 and widens, layout)
+    if i < len(widths) - 1:  # the last level keeps its resolution
+        sampler = f"{src}.{kind}sample.conv" if ldm else f"{src}.{kind}samplers.0.conv"
+        rules += conv(sampler, f"{dst}/{kind}samplers_0/conv")
+    return rules
+
+
+def _encoder_rules(cfg: VAEConfig, layout: str, e: str) -> list[Rule]:
+    ldm = layout == "ldm"
+    chans = cfg.block_out_channels
+    rules = conv(f"{e}.conv_in", "encoder/conv_in")
+    for i in range(len(chans)):
+        src = f"{e}.down.{i}" if ldm else f"{e}.down_blocks.{i}"
+        dst = f"encoder/down_blocks_{i}"
+        rules += _level(src, dst, chans, i, cfg.layers_per_block, "down", layout)
+    rules += _mid(f"{e}.mid" if ldm else f"{e}.mid_block", "encoder/mid_block", cfg, layout)
+    rules += norm(f"{e}.norm_out" if ldm else f"{e}.conv_norm_out", "encoder/conv_norm_out")
+    return rules + conv(f"{e}.conv_out", "encoder/conv_out")
+
+
+def _decoder_rules(cfg: VAEConfig, layout: str, d: str) -> list[Rule]:
+    ldm = layout == "ldm"
+    rev = tuple(reversed(cfg.block_out_channels))
+    rules = conv(f"{d}.conv_in", "decoder/conv_in")
+    rules += _mid(f"{d}.mid" if ldm else f"{d}.mid_block", "decoder/mid_block", cfg, layout)
+    for i in range(len(rev)):
+        # LDM numbers its up levels by resolution (0 = full size) and runs them backwards.
+        src = f"{d}.up.{len(rev) - 1 - i}" if ldm else f"{d}.up_blocks.{i}"
+        dst = f"decoder/up_blocks_{i}"
+        rules += _level(src, dst, rev, i, cfg.layers_per_block + 1, "up", layout)
+    rules += norm(f"{d}.norm_out" if ldm else f"{d}.conv_norm_out", "decoder/conv_norm_out")
+    return rules + conv(f"{d}.conv_out", "decoder/conv_out")
+
+
 def vae_rules(cfg: VAEConfig, layout: str = "diffusers", prefix: str = "") -> list[Rule]:
     """The key table of an `AutoencoderKL` checkpoint.
 
@@ -84,55 +128,12 @@ def vae_rules(cfg: VAEConfig, layout: str = "diffusers", prefix: str = "") -> li
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    ldm = layout == "ldm"
-    chans = cfg.block_out_channels
-    n = len(chans)
-    lpb = cfg.layers_per_block
-    p = prefix
-    rules: list[Rule] = []
-
-    # ---- encoder
-    e = f"{p}encoder"
-    rules += conv(f"{e}.conv_in", "encoder/conv_in")
-    c_in = chans[0]
-    for i, c in enumerate(chans):
-        src = f"{e}.down.{i}" if ldm else f"{e}.down_blocks.{i}"
-        dst = f"encoder/down_blocks_{i}"
-        for j in range(lpb):
-            res = f"{src}.block.{j}" if ldm else f"{src}.resnets.{j}"
-            rules += _resnet(res, f"{dst}/resnets_{j}", j == 0 and c_in != c, layout)
-        if i < n - 1:
-            ds = f"{src}.downsample.conv" if ldm else f"{src}.downsamplers.0.conv"
-            rules += conv(ds, f"{dst}/downsamplers_0/conv")
-        c_in = c
-    rules += _mid(f"{e}.mid" if ldm else f"{e}.mid_block", "encoder/mid_block", cfg, layout)
-    rules += norm(f"{e}.norm_out" if ldm else f"{e}.conv_norm_out", "encoder/conv_norm_out")
-    rules += conv(f"{e}.conv_out", "encoder/conv_out")
-
-    # ---- decoder
-    d = f"{p}decoder"
-    rules += conv(f"{d}.conv_in", "decoder/conv_in")
-    rules += _mid(f"{d}.mid" if ldm else f"{d}.mid_block", "decoder/mid_block", cfg, layout)
-    rev = tuple(reversed(chans))
-    c_in = rev[0]
-    for i, c in enumerate(rev):
-        # LDM numbers its up levels by resolution (0 = full size) and runs them backwards.
-        src = f"{d}.up.{n - 1 - i}" if ldm else f"{d}.up_blocks.{i}"
-        dst = f"decoder/up_blocks_{i}"
-        for j in range(lpb + 1):
-            res = f"{src}.block.{j}" if ldm else f"{src}.resnets.{j}"
-            rules += _resnet(res, f"{dst}/resnets_{j}", j == 0 and c_in != c, layout)
-        if i < n - 1:
-            us = f"{src}.upsample.conv" if ldm else f"{src}.upsamplers.0.conv"
-            rules += conv(us, f"{dst}/upsamplers_0/conv")
-        c_in = c
-    rules += norm(f"{d}.norm_out" if ldm else f"{d}.conv_norm_out", "decoder/conv_norm_out")
-    rules += conv(f"{d}.conv_out", "decoder/conv_out")
-
+    rules = _encoder_rules(cfg, layout, f"{prefix}encoder")
+    rules += _decoder_rules(cfg, layout, f"{prefix}decoder")
     if cfg.use_quant_conv:
-        rules += conv(f"{p}quant_conv", "quant_conv")
+        rules += conv(f"{prefix}quant_conv", "quant_conv")
     if cfg.use_post_quant_conv:
-        rules += conv(f"{p}post_quant_conv", "post_quant_conv")
+        rules += conv(f"{prefix}post_quant_conv", "post_quant_conv")
     return rules
 
 
@@ -144,7 +145,7 @@ def abstract_vae_params(
     size = image_size or cfg.downsampling_factor
     model = AutoencoderKL(cfg, param_dtype=param_dtype)
     x = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
-    return core.abstract_params(model.init, jax.random.key(0), x)
+    return abstract_params(model.init, jax.random.key(0), x)
 
 
 def detect_layout(state: core.StateDict, prefix: str = "") -> str:
@@ -180,9 +181,8 @@ def load_vae(
     Raises:
       CheckpointError: listing every missing, unexpected or mis-shaped key.
     """
-    if prefix:
-        # Only the VAE's own keys count: the rest of a full checkpoint is not "unexpected".
-        state = state.without(f"(?!{re.escape(prefix)}).*")
+    # Only the VAE's own keys count: the rest of a full checkpoint is not "unexpected".
+    state = state.under(prefix)
     if layout == "auto" or (
         layout == "diffusers" and detect_layout(state, prefix) == "diffusers_legacy"
     ):

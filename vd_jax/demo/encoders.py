@@ -232,8 +232,8 @@ class DemoTextVAE:
 
 def frozen_encoders(folder: str, context_dim: int):
     """The trainer's `FrozenEncoders` of a saved demo folder (uncond contexts included)."""
+    from vd_jax.data.encoders import FrozenEncoders
     from vd_jax.demo.pretrain_clip import clip_tokenizer
-    from vd_jax.train_step import FrozenEncoders
 
     enc = DemoEncoders.load(folder)
     if enc.clip_text_config.projection_dim != context_dim:

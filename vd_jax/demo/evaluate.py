@@ -37,8 +37,6 @@ from vd_jax.demo.attributes import (
 )
 
 EVAL_FLOWS = ("text_to_image", "image_variation", "image_to_text", "text_variation", "dual_guided")
-# eval name -> the trainer's flow (routing: data type, context types)
-_TRAINER_FLOW = {"dual_guided": "dual_context"}
 
 
 def _partners(shape: np.ndarray) -> np.ndarray:
@@ -55,7 +53,7 @@ def _partners(shape: np.ndarray) -> np.ndarray:
 
 def evaluate_flows(config, trainer, params: Any, enc, held: dict) -> tuple[dict, dict]:
     """Samples every flow on held-out inputs; returns (scores per flow, grid examples)."""
-    from vd_jax.train_samples import make_flow_sampler
+    from vd_jax.train.samples import make_flow_sampler
 
     e = config.eval
     n = min(int(e.num), len(held["caption"]))
@@ -82,7 +80,7 @@ def evaluate_flows(config, trainer, params: Any, enc, held: dict) -> tuple[dict,
         to_text = flow in ("image_to_text", "text_variation")
         scale = e.text_guidance_scale if to_text else e.guidance_scale
         run = make_flow_sampler(
-            trainer.model, trainer.encoders.vae, _TRAINER_FLOW.get(flow, flow), num=n,
+            trainer.model, trainer.encoders.vae, flow, num=n,
             latent_size=config.vd.latent_size, steps=int(e.sample_steps),
             guidance_scale=float(scale), dual_ratio=float(e.dual_ratio),
             prediction_type=config.vd.prediction_type,

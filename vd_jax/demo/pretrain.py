@@ -29,7 +29,6 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from vd_jax import optimus_tokenizers as otok
 from vd_jax import xla_options
 from vd_jax.demo import shapes
 from vd_jax.demo.attributes import (
@@ -39,8 +38,9 @@ from vd_jax.demo.attributes import (
     read_text_attributes,
 )
 from vd_jax.models.optimus import BertConfig, BertEncoder, GPT2Config, GPT2Decoder
+from vd_jax.models.text_decoding import decode_texts, greedy
 from vd_jax.models.vae import AutoencoderKL, VAEConfig, decode_latents, encode_images
-from vd_jax.text_decoding import decode_texts, greedy
+from vd_jax.processing import optimus_tokenizers as otok
 
 # Token budget of a caption: the longest template needs 11 tokens in every tokenizer.
 TEXT_LENGTH = 16
@@ -342,6 +342,46 @@ def paraphrases(data: dict[str, np.ndarray], seed: int = 0) -> list[str]:
             for s, f, b, t in zip(*cols, templates, strict=True)]  # fmt: skip
 
 
+def _optimus_loss_fn(
+    encoder, decoder, dec_ids: np.ndarray, vocab_size: int, beta: float, paraphrase_prob: float
+):
+    """`(params, batch, key) -> (CE + beta * KL, metrics)`: the Optimus VAE's ELBO."""
+    # The captions use a few dozen GPT-2 tokens: the softmax runs over those only (training
+    # cost no longer scales with the 50260-token vocabulary). Greedy decoding still ranks the
+    # whole vocabulary; the evaluation below measures exactly that.
+    used = np.unique(dec_ids[:, 1:])
+    to_used = np.zeros(vocab_size, np.int32)
+    to_used[used] = np.arange(len(used))
+    is_ln_f = lambda mdl, _: mdl.name == "ln_f"  # noqa: E731
+
+    def loss_fn(params, batch, key):
+        mu, logvar = encoder.apply(
+            {"params": params["encoder"]}, batch["enc_ids"], batch["enc_mask"],
+            method=BertEncoder.latent,
+        )  # fmt: skip
+        ids = batch["dec_ids"]
+        if paraphrase_prob > 0:  # a split only here: the default's draws stay as they were
+            key, kalt = jax.random.split(key)
+            use = jax.random.bernoulli(kalt, paraphrase_prob, (ids.shape[0], 1))
+            ids = jnp.where(use, batch["alt_dec_ids"], ids)
+        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
+        # The full-vocabulary logits are unused, so jit drops them; only ln_f's output is kept.
+        _, state = decoder.apply(
+            {"params": params["decoder"]}, ids[:, :-1], z,
+            capture_intermediates=is_ln_f, mutable=["intermediates"],
+        )  # fmt: skip
+        h = state["intermediates"]["ln_f"]["__call__"][0]
+        logits = h @ params["decoder"]["wte"]["embedding"][used].T
+        target = ids[:, 1:]
+        mask = (target != otok.PAD_ID).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(to_used)[target])
+        ce = jnp.sum(ce * mask) / jnp.sum(mask)
+        kl = 0.5 * jnp.mean(jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+        return ce + beta * kl, {"ce": ce, "kl": kl}
+
+    return loss_fn
+
+
 def train_optimus(
     train: dict[str, np.ndarray],
     configs: tuple[BertConfig, GPT2Config] | None = None,
@@ -386,38 +426,9 @@ def train_optimus(
         "decoder": decoder.init(k2, ids, jnp.zeros((1, bert.latent_size)))["params"],
     }
 
-    # The captions use a few dozen GPT-2 tokens: the softmax runs over those only (training
-    # cost no longer scales with the 50260-token vocabulary). Greedy decoding still ranks the
-    # whole vocabulary; the evaluation below measures exactly that.
-    used = np.unique(inputs["dec_ids"][:, 1:])
-    to_used = np.zeros(gpt2.vocab_size, np.int32)
-    to_used[used] = np.arange(len(used))
-    is_ln_f = lambda mdl, _: mdl.name == "ln_f"  # noqa: E731
-
-    def loss_fn(params, batch, key):
-        mu, logvar = encoder.apply(
-            {"params": params["encoder"]}, batch["enc_ids"], batch["enc_mask"],
-            method=BertEncoder.latent,
-        )  # fmt: skip
-        ids = batch["dec_ids"]
-        if paraphrase_prob > 0:  # a split only here: the default's draws stay as they were
-            key, kalt = jax.random.split(key)
-            use = jax.random.bernoulli(kalt, paraphrase_prob, (ids.shape[0], 1))
-            ids = jnp.where(use, batch["alt_dec_ids"], ids)
-        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
-        # The full-vocabulary logits are unused, so jit drops them; only ln_f's output is kept.
-        _, state = decoder.apply(
-            {"params": params["decoder"]}, ids[:, :-1], z,
-            capture_intermediates=is_ln_f, mutable=["intermediates"],
-        )  # fmt: skip
-        h = state["intermediates"]["ln_f"]["__call__"][0]
-        logits = h @ params["decoder"]["wte"]["embedding"][used].T
-        target = ids[:, 1:]
-        mask = (target != otok.PAD_ID).astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(to_used)[target])
-        ce = jnp.sum(ce * mask) / jnp.sum(mask)
-        kl = 0.5 * jnp.mean(jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
-        return ce + beta * kl, {"ce": ce, "kl": kl}
+    loss_fn = _optimus_loss_fn(
+        encoder, decoder, inputs["dec_ids"], gpt2.vocab_size, beta, paraphrase_prob
+    )
 
     params, metrics = fit(
         loss_fn,

@@ -25,8 +25,8 @@ import optax
 from vd_jax import xla_options
 from vd_jax.demo import shapes
 from vd_jax.demo.pretrain import TEXT_LENGTH, Trained, batched, fit
-from vd_jax.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
+from vd_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def tiny_clip_configs(
@@ -54,7 +54,7 @@ def tiny_clip_configs(
 @functools.cache
 def clip_tokenizer():
     """CLIP ViT-L/14's tokenizer, written once into a temporary folder."""
-    from vd_jax.tokenizers import load_clip_tokenizer, write_clip_tokenizer_files
+    from vd_jax.processing.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
 
     directory = os.path.join(tempfile.gettempdir(), f"vd_jax_clip_tokenizer_{os.getuid()}")
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
@@ -215,6 +215,30 @@ def _shape_group_sampler(
     return sample
 
 
+def _contrastive_loss_fn(text_model: CLIPTextEncoder, vision_model: CLIPVisionEncoder):
+    """`(params, batch, key) -> (loss, metrics)`: symmetric InfoNCE where every pair of the
+    same attribute combination counts as a match."""
+
+    def loss_fn(params, batch, key):
+        del key
+        t = text_model.apply({"params": params["text"]}, batch["ids"])["text_embeds"]
+        v = vision_model.apply({"params": params["vision"]}, clip_pixels(batch["image"]))[
+            "image_embeds"
+        ]
+        t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        logits = jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0))) * v @ t.T
+        same = (batch["combo"][:, None] == batch["combo"][None, :]).astype(jnp.float32)
+        target = same / same.sum(1, keepdims=True)
+        loss = 0.5 * (
+            optax.softmax_cross_entropy(logits, target).mean()
+            + optax.softmax_cross_entropy(logits.T, target).mean()
+        )
+        return loss, {"logit_scale": params["logit_scale"]}
+
+    return loss_fn
+
+
 def train_clip(
     train: dict[str, np.ndarray],
     configs: tuple[CLIPTextConfig, CLIPVisionConfig] | None = None,
@@ -254,22 +278,7 @@ def train_clip(
         "combo": combo,
     }
 
-    def loss_fn(params, batch, key):
-        del key
-        t = text_model.apply({"params": params["text"]}, batch["ids"])["text_embeds"]
-        v = vision_model.apply({"params": params["vision"]}, clip_pixels(batch["image"]))[
-            "image_embeds"
-        ]
-        t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
-        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-        logits = jnp.exp(jnp.minimum(params["logit_scale"], jnp.log(100.0))) * v @ t.T
-        same = (batch["combo"][:, None] == batch["combo"][None, :]).astype(jnp.float32)
-        target = same / same.sum(1, keepdims=True)
-        loss = 0.5 * (
-            optax.softmax_cross_entropy(logits, target).mean()
-            + optax.softmax_cross_entropy(logits.T, target).mean()
-        )
-        return loss, {"logit_scale": params["logit_scale"]}
+    loss_fn = _contrastive_loss_fn(text_model, vision_model)
 
     if steps:
         params, metrics = fit(

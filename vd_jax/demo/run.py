@@ -25,9 +25,9 @@ import numpy as np
 from absl import logging
 
 from vd_jax.demo import evaluate, pretrain, pretrain_clip, shapes
-from vd_jax.demo.encoders import DemoEncoders, check_image_context
-from vd_jax.metrics_writer import MetricsWriter
-from vd_jax.sharding import make_mesh
+from vd_jax.demo.encoders import DemoEncoders, check_image_context, frozen_encoders
+from vd_jax.train.metrics import MetricsWriter
+from vd_jax.train.sharding import make_mesh
 
 
 class _Clock:
@@ -144,8 +144,7 @@ def vd_train_config(config, workdir: str, cache: dict):
 
 def run_demo(config, workdir: str) -> dict[str, Any]:
     """Runs every stage in `workdir`; returns the contents written to `eval.json`."""
-    from vd_jax import train_lib
-    from vd_jax.datasets.latent_cache import write_latent_cache
+    from vd_jax.train.loop import train_and_evaluate
 
     if jax.process_count() > 1:
         raise ValueError("the demo runs in one process (it is a single-CPU job)")
@@ -164,36 +163,20 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     clock.stage("data", t0)
 
     enc_dir = os.path.join(workdir, "encoders")
-    reuse = os.path.isfile(os.path.join(enc_dir, "encoders.json"))
-    if reuse:
-        enc = DemoEncoders.load(enc_dir)
-        logging.info("reusing the pre-trained encoders in %s", enc_dir)
-        if enc.image_context != config.clip.image_context:
-            raise ValueError(
-                f"the encoders in {enc_dir} give image contexts of {enc.image_context!r} tokens, "
-                f"the config asks for {config.clip.image_context!r}: use a new workdir "
-                "(or remove its encoders/ folder)"
-            )
-    else:
-        enc = pretrain_encoders(config, train, held, clock)
-        enc.save(enc_dir)
+    enc, reused = _encoders(config, enc_dir, train, held, clock)
 
     t0 = time.perf_counter()
-    name = f"demo_{report['tfds_name'].split('/')[-1]}"
-    write = lambda overwrite: write_latent_cache(  # noqa: E731
-        {"train": _batches(train, 256)}, enc.encode_batch, data_dir, name=name, overwrite=overwrite
+    cache = _latent_cache(
+        enc, train, data_dir, f"demo_{report['tfds_name'].split('/')[-1]}", reused
     )
-    try:
-        cache = write(not reuse)  # new encoders, new latents
-    except FileExistsError:  # a cache interrupted while being finalised: write it again
-        cache = write(True)
     clock.stage("cache", t0)
 
     t0 = time.perf_counter()
     vd_config = vd_train_config(config, workdir, cache)
     # One device, whatever the host exposes: the demo's numbers are a single-CPU measurement.
     mesh = make_mesh("1,1", jax.local_devices()[:1])
-    result = train_lib.train_and_evaluate(vd_config, os.path.join(workdir, "vd"), mesh=mesh)
+    frozen, _ = frozen_encoders(enc_dir, vd_config.model.context_dim)
+    result = train_and_evaluate(vd_config, os.path.join(workdir, "vd"), mesh=mesh, encoders=frozen)
     clock.stage("vd_train", t0)
     if result["preempted"]:
         logging.warning("preempted during VD training: rerun the command to continue")
@@ -205,6 +188,45 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     scores, examples = evaluate.evaluate_flows(config, trainer, params, enc, held)
     clock.stage("eval", t0)
     evaluate.write_grid(os.path.join(workdir, "demo_grid.png"), examples)
+    out = _report(workdir, scores, enc, result, params, clock)
+    _write_json(os.path.join(workdir, "eval.json"), out)
+    return out
+
+
+def _encoders(config, enc_dir: str, train, held, clock) -> tuple[DemoEncoders, bool]:
+    """The pre-trained encoders of an earlier run in this workdir, or new ones; and which."""
+    if not os.path.isfile(os.path.join(enc_dir, "encoders.json")):
+        enc = pretrain_encoders(config, train, held, clock)
+        enc.save(enc_dir)
+        return enc, False
+    enc = DemoEncoders.load(enc_dir)
+    logging.info("reusing the pre-trained encoders in %s", enc_dir)
+    if enc.image_context != config.clip.image_context:
+        raise ValueError(
+            f"the encoders in {enc_dir} give image contexts of {enc.image_context!r} tokens, "
+            f"the config asks for {config.clip.image_context!r}: use a new workdir "
+            "(or remove its encoders/ folder)"
+        )
+    return enc, True
+
+
+def _latent_cache(enc: DemoEncoders, train, data_dir: str, name: str, reused: bool) -> dict:
+    """The training split encoded once; new encoders write new latents."""
+    from vd_jax.data.latent_cache import write_latent_cache
+
+    write = lambda overwrite: write_latent_cache(  # noqa: E731
+        {"train": _batches(train, 256)}, enc.encode_batch, data_dir, name=name, overwrite=overwrite
+    )
+    try:
+        return write(not reused)
+    except FileExistsError:  # a cache interrupted while being finalised: write it again
+        return write(True)
+
+
+def _report(workdir: str, scores: dict, enc: DemoEncoders, result: dict, params, clock) -> dict:
+    """What `eval.json` holds: scores, encoder metrics, the VD run, wall times, the machine."""
+    from vd_jax.train.trainer import measure_peak_flops
+
     metrics = MetricsWriter.read_jsonl(os.path.join(workdir, "vd", "metrics.jsonl"))
     out = {
         **{flow: s["all"] for flow, s in scores.items()},
@@ -221,10 +243,9 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
         # This VM's speed varies ~2x from day to day: the wall times read with this number.
         "machine": {
             "cpus": os.cpu_count(),
-            "matmul_gflops": round(train_lib.measure_peak_flops(2048, 5) / 1e9, 1),
+            "matmul_gflops": round(measure_peak_flops(2048, 5) / 1e9, 1),
         },
     }
-    _write_json(os.path.join(workdir, "eval.json"), out)
     return out
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vd_jax.data.tfds_builder import LocalBuilder
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = ("red", "green", "blue", "yellow", "purple", "white")
 # Far apart in RGB (min pairwise distance ~150) so nearest-colour reading survives blur.
@@ -240,7 +242,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     radius: float = 0.0
 
 
-class Shapes(tfds.core.GeneratorBasedBuilder):
+class Shapes(LocalBuilder):
     """Captioned shapes as a TFDS dataset (array_record, no TensorFlow); see module docstring.
 
     Features: `image` (PNG bytes; decode with `decode_png`), `caption`, `key`, int `shape`,
@@ -253,13 +255,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         "1.1.0": "Every template names the shape's colour first; `radius` config field.",
     }
     BUILDER_CONFIGS = []
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        # As in vd_jax.datasets.captioned_images: TFDS's package lookup needs a backport that is
-        # not installed, and only uses the path for download checksums (nothing is downloaded).
-        return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         scalar = tfds.features.Scalar(dtype=np.int32)

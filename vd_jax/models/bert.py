@@ -3,7 +3,7 @@
 Optimus' `BertForLatentConnector` is a plain post-LN BERT-base (cased) whose
 pooled [CLS] output goes through one extra bias-free `linear` (hidden ->
 2 * latent) that is chunked into (mu, logvar); VD keeps only mu (see
-shared/research/vd_original.md §4.4).
+docs/original.md §4.4).
 
 Parameter names mirror transformers' modules, so conversion is a rename plus a
 transpose (vd_jax/convert/optimus.py): `embeddings/{word,position,token_type}_
@@ -15,38 +15,48 @@ LayerNorm}}`, `pooler/dense` and Optimus' `linear`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.attention import attention
-from vd_jax.nn.layers import LayerNorm, dense
+from vd_jax.models.attention import attention
+from vd_jax.models.layers import (
+    ACTIVATIONS,
+    DtypesMixin,
+    LayerNorm,
+    activation,
+    dense,
+    pick_fields,
+    qkv,
+)
 
 Dtype = Any
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # transformers' "gelu" is torch's exact erf form; the "new"/tanh names approximate it.
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-}
 
+def latent_fields(
+    cls: type, d: Mapping[str, Any], latent_size: int | None, hidden_field: str
+) -> dict[str, Any]:
+    """`pick_fields` of an Optimus half's config, with the latent width settled.
 
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The transformers activation called `name` (`hidden_act` / `activation_function`)."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r} (known: {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[name]
+    Args:
+      cls: the config dataclass; it has a `latent_size` field.
+      d: the transformers config dict.
+      latent_size: Optimus' latent width; overrides `d["latent_size"]`. With neither, the
+        latent is as wide as the hidden state (as in Optimus).
+      hidden_field: the name of `cls`'s hidden width field.
 
-
-def pick_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of `d` that name fields of the dataclass `cls` (None values dropped)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names and v is not None}
+    Returns:
+      The keyword arguments of `cls`.
+    """
+    kw = pick_fields(cls, d)
+    if latent_size is not None:
+        kw["latent_size"] = latent_size
+    elif "latent_size" not in kw:
+        kw["latent_size"] = kw.get(hidden_field, getattr(cls, hidden_field))
+    return kw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,29 +86,33 @@ class BertConfig:
         Returns:
           The config.
         """
-        kw = pick_fields(cls, d)
-        if latent_size is not None:
-            kw["latent_size"] = latent_size
-        elif "latent_size" not in kw:
-            kw["latent_size"] = kw.get("hidden_size", cls.hidden_size)
-        if kw.get("hidden_act", "gelu") not in _ACTIVATIONS:
+        kw = latent_fields(cls, d, latent_size, "hidden_size")
+        if kw.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise ValueError(f"unsupported BERT hidden_act {kw['hidden_act']!r}")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported")
         return cls(**kw)
 
 
-class BertEmbeddings(nn.Module):
-    """Word + absolute position + token-type embeddings, then LayerNorm."""
+class _BertModule(DtypesMixin, nn.Module):
+    """A part of BERT: its sizes, compute dtype and parameter storage dtype."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def part_kw(self) -> dict[str, Any]:
+        """The keywords of a sub-part: this config and these dtypes."""
+        return dict(config=self.config, **self.dtypes)
+
+
+class BertEmbeddings(_BertModule):
+    """Word + absolute position + token-type embeddings, then LayerNorm."""
+
     @nn.compact
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         length = input_ids.shape[-1]
         word = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)
         pos = nn.Embed(
@@ -109,102 +123,66 @@ class BertEmbeddings(nn.Module):
         return LayerNorm(cfg.layer_norm_eps, name="LayerNorm", **kw)(x)
 
 
-class _SelfAttention(nn.Module):
+class _SelfAttention(_BertModule):
     """transformers' `BertSelfAttention`: biased query/key/value, scaled dot product."""
-
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        c = self.config.hidden_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(c, name="query", **kw)(x)
-        k = dense(c, name="key", **kw)(x)
-        v = dense(c, name="value", **kw)(x)
+        c, kw = self.config.hidden_size, self.dtypes
+        q, k, v = qkv(x, x, c, ("query", "key", "value"), **kw)
         return attention(q, k, v, self.config.num_attention_heads, mask)
 
 
-class _DenseResidualNorm(nn.Module):
+class _DenseResidualNorm(_BertModule):
     """transformers' `Bert(Self)Output`: LayerNorm(dense(h) + residual)."""
-
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         h = dense(cfg.hidden_size, name="dense", **kw)(h)
         return LayerNorm(cfg.layer_norm_eps, name="LayerNorm", **kw)(h + residual)
 
 
-class _Attention(nn.Module):
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class _Attention(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _SelfAttention(name="self", **kw)(x, mask)
-        return _DenseResidualNorm(name="output", **kw)(h, x)
+        h = _SelfAttention(name="self", **self.part_kw)(x, mask)
+        return _DenseResidualNorm(name="output", **self.part_kw)(h, x)
 
 
-class _Intermediate(nn.Module):
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class _Intermediate(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return activation(cfg.hidden_act)(dense(cfg.intermediate_size, name="dense", **kw)(x))
+        h = dense(cfg.intermediate_size, name="dense", **self.dtypes)(x)
+        return activation(cfg.hidden_act)(h)
 
 
-class BertLayer(nn.Module):
+class BertLayer(_BertModule):
     """Post-LN block: a = LN(x + attn(x)), then LN(a + ffn(a))."""
 
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        a = _Attention(name="attention", **kw)(x, mask)
-        h = _Intermediate(name="intermediate", **kw)(a)
-        return _DenseResidualNorm(name="output", **kw)(h, a)
+        a = _Attention(name="attention", **self.part_kw)(x, mask)
+        h = _Intermediate(name="intermediate", **self.part_kw)(a)
+        return _DenseResidualNorm(name="output", **self.part_kw)(h, a)
 
 
-class _Stack(nn.Module):
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class _Stack(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.config.num_hidden_layers):
-            x = BertLayer(name=f"layer_{i}", **kw)(x, mask)
+            x = BertLayer(name=f"layer_{i}", **self.part_kw)(x, mask)
         return x
 
 
-class _Pooler(nn.Module):
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class _Pooler(_BertModule):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return jnp.tanh(dense(self.config.hidden_size, name="dense", **kw)(h[:, 0]))
+        return jnp.tanh(dense(self.config.hidden_size, name="dense", **self.dtypes)(h[:, 0]))
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(_BertModule):
     """transformers' `BertModel` plus Optimus' latent head (`BertForLatentConnector`).
 
     `__call__` is the plain `BertModel` (its params alone load a transformers
@@ -212,16 +190,11 @@ class BertEncoder(nn.Module):
     `latent` to get Optimus' params.
     """
 
-    config: BertConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embeddings = BertEmbeddings(cfg, **kw)
-        self.encoder = _Stack(cfg, **kw)
-        self.pooler = _Pooler(cfg, **kw)
-        self.linear = dense(2 * cfg.latent_size, use_bias=False, **kw)
+        self.embeddings = BertEmbeddings(**self.part_kw)
+        self.encoder = _Stack(**self.part_kw)
+        self.pooler = _Pooler(**self.part_kw)
+        self.linear = dense(2 * self.config.latent_size, use_bias=False, **self.dtypes)
 
     def __call__(
         self,
@@ -263,7 +236,7 @@ class BertEncoder(nn.Module):
         """Optimus' posterior parameters.
 
         Args:
-          input_ids: [B, L] ids from `vd_jax.optimus_tokenizers.encode_for_optimus`.
+          input_ids: [B, L] ids from `vd_jax.processing.optimus_tokenizers.encode_for_optimus`.
           attention_mask: [B, L]; None = `ids > 0`, the original's mask.
 
         Returns:

@@ -1,7 +1,7 @@
 """CLIP text and vision towers (transformers' `CLIPText/VisionModelWithProjection`) in Flax.
 
 VD conditions its diffuser on *contexts* built from these towers (see
-shared/research/vd_original.md §4.1-4.2):
+docs/original.md §4.1-4.2):
 
 - text: `text_projection` of all 77 final-LN token states, every token divided by
   the L2 norm of the projected EOS (pooled) token;
@@ -19,14 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.attention import attention
-from vd_jax.nn.layers import LayerNorm, conv2d, dense
+from vd_jax.models.attention import attention
+from vd_jax.models.layers import (
+    ACTIVATIONS,
+    MLP,
+    LayerNorm,
+    activation,
+    conv2d,
+    dense,
+    pick_fields,
+    qkv,
+)
 
 Dtype = Any
 
@@ -52,13 +61,33 @@ def _tower_dict(d: Mapping[str, Any], tower: str) -> dict[str, Any]:
     return sub
 
 
-def _pick(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names and v is not None}
+class _TowerConfig:
+    """`from_hf` of the two tower configs; each names its `_TOWER` and may `_fix` its dict."""
+
+    _TOWER = ""
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> Self:
+        """Reads a transformers `config.json` dict.
+
+        Args:
+          d: the tower's own config (`CLIPTextModel(WithProjection)` for the text tower,
+            `CLIPVisionModel(WithProjection)` for the vision tower), or a full `CLIPModel`
+            config (`text_config` / `vision_config` sub-dict, top-level `projection_dim`).
+
+        Returns:
+          The config; keys the dict lacks keep this class's defaults.
+        """
+        return cls(**pick_fields(cls, cls._fix(_tower_dict(d, cls._TOWER))))
+
+    @staticmethod
+    def _fix(sub: dict[str, Any]) -> dict[str, Any]:
+        """The tower's dict with values transformers accepts in other forms made plain."""
+        return sub
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
     """Text tower sizes; the defaults are openai/clip-vit-large-patch14's (VD's CLIP)."""
 
     vocab_size: int = 49408
@@ -75,26 +104,18 @@ class CLIPTextConfig:
     # largest id, padding repeats it) both pooling rules pick the same position.
     eos_token_id: int = 2
 
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
-        """Reads a transformers `config.json` dict.
+    _TOWER = "text"
 
-        Args:
-          d: a `CLIPTextModel(WithProjection)` config, or a full `CLIPModel` config
-            (`text_config` sub-dict, top-level `projection_dim`).
-
-        Returns:
-          The config; keys the dict lacks keep this class's defaults.
-        """
-        sub = _tower_dict(d, "text")
+    @staticmethod
+    def _fix(sub: dict[str, Any]) -> dict[str, Any]:
         if isinstance(sub.get("eos_token_id"), list | tuple):
             # transformers allows a list; its pooling compares against one id.
             sub["eos_token_id"] = sub["eos_token_id"][0]
-        return cls(**_pick(cls, sub))
+        return sub
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
     """Vision tower sizes; the defaults are openai/clip-vit-large-patch14's (ViT-L/14, 224 px)."""
 
     hidden_size: int = 1024
@@ -108,29 +129,21 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
 
+    _TOWER = "vision"
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
-        """Reads a transformers `config.json` dict.
-
-        Args:
-          d: a `CLIPVisionModel(WithProjection)` config, or a full `CLIPModel` config
-            (`vision_config` sub-dict, top-level `projection_dim`).
-
-        Returns:
-          The config; keys the dict lacks keep this class's defaults.
-        """
-        sub = _tower_dict(d, "vision")
+    @staticmethod
+    def _fix(sub: dict[str, Any]) -> dict[str, Any]:
         for k in ("image_size", "patch_size"):
             if isinstance(sub.get(k), list | tuple):
                 h, w = sub[k]
                 if h != w:
                     raise ValueError(f"non-square CLIP vision {k} {sub[k]} is not supported")
                 sub[k] = h
-        return cls(**_pick(cls, sub))
+        return sub
 
 
 # ----------------------------------------------------------------------------- layers
@@ -142,18 +155,12 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": _quick_gelu,
-    # transformers' "gelu" is torch's exact erf form; the "new"/tanh names are the approximation.
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
+    **ACTIVATIONS,
 }
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported CLIP hidden_act {name!r} (known: {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[name]
+    return activation(name, _ACTIVATIONS, "CLIP hidden_act")
 
 
 class CLIPAttention(nn.Module):
@@ -167,23 +174,8 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(c, name="q_proj", **kw)(x)
-        k = dense(c, name="k_proj", **kw)(x)
-        v = dense(c, name="v_proj", **kw)(x)
+        q, k, v = qkv(x, x, c, ("q_proj", "k_proj", "v_proj"), **kw)
         return dense(c, name="out_proj", **kw)(attention(q, k, v, self.heads, mask))
-
-
-class CLIPMLP(nn.Module):
-    intermediate_size: int
-    hidden_act: str = "quick_gelu"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _activation(self.hidden_act)(dense(self.intermediate_size, name="fc1", **kw)(x))
-        return dense(x.shape[-1], name="fc2", **kw)(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -202,7 +194,9 @@ class CLIPEncoderLayer(nn.Module):
         h = LayerNorm(self.layer_norm_eps, name="layer_norm1", **kw)(x)
         x = x + CLIPAttention(self.heads, name="self_attn", **kw)(h, mask)
         h = LayerNorm(self.layer_norm_eps, name="layer_norm2", **kw)(x)
-        return x + CLIPMLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(h)
+        act = _activation(self.hidden_act)
+        mlp = MLP(self.intermediate_size, act, ("fc1", "fc2"), name="mlp", **kw)
+        return x + mlp(h)
 
 
 class CLIPEncoder(nn.Module):
@@ -406,7 +400,7 @@ class CLIPVisionEncoder(nn.Module):
         """Runs the tower.
 
         Args:
-          pixel_values: [B, H, W, C] normalised pixels (see vd_jax.image_processing).
+          pixel_values: [B, H, W, C] normalised pixels (see vd_jax.processing.images).
 
         Returns:
           dict with `last_hidden_state` [B, 1+N, H] (before post_layernorm, as in
@@ -427,7 +421,7 @@ class CLIPVisionEncoder(nn.Module):
         Args:
           pixel_values: [B, H, W, C] normalised pixels.
           token_weights: optional [B, 1+N] weights (VD's masked encoding, see
-            `vd_jax.applications.mask_token_weights`): they scale the input embeddings
+            `vd_jax.pipelines.applications.mask_token_weights`): they scale the input embeddings
             and, again, the output tokens.
 
         Returns:

@@ -1,7 +1,7 @@
 """GPT-2 with Optimus' latent connector (`GPT2ForLatentConnector`) in Flax, KV-cached.
 
 Optimus conditions a GPT-2-small decoder on the text latent z in two ways
-(shared/research/vd_original.md §4.4), both on by default in VD:
+(docs/original.md §4.4), both on by default in VD:
 
 1. embedding addition: `linear_emb(z)` (bias-free) is added to every token's
    wte + wpe embedding;
@@ -36,9 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.models.bert import activation, pick_fields
-from vd_jax.nn.attention import attention
-from vd_jax.nn.layers import LayerNorm, dense
+from vd_jax.models.attention import attention
+from vd_jax.models.bert import latent_fields
+from vd_jax.models.layers import MLP, LayerNorm, activation, dense
 
 Dtype = Any
 # {"k": per-layer [B, S, C], "v": per-layer [B, S, C], "emb": [B, C], "index": int32 []}.
@@ -65,21 +65,16 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], latent_size: int | None = None) -> GPT2Config:
-        """Reads a transformers `GPT2Config` dict (`config.json`).
+        """Reads a transformers `GPT2Config` dict (`config.json`), as `BertConfig.from_hf` does.
 
         Args:
           d: the config dict. Keys it lacks keep this class's defaults.
-          latent_size: Optimus' latent width; overrides `d["latent_size"]`. With
-            neither, the latent is as wide as the hidden state (as in Optimus).
+          latent_size: overrides `d["latent_size"]`; with neither, the latent is n_embd wide.
 
         Returns:
           The config.
         """
-        kw = pick_fields(cls, d)
-        if latent_size is not None:
-            kw["latent_size"] = latent_size
-        elif "latent_size" not in kw:
-            kw["latent_size"] = kw.get("n_embd", cls.n_embd)
+        kw = latent_fields(cls, d, latent_size, "n_embd")
         activation(kw.get("activation_function", cls.activation_function))  # fail early
         for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
             if d.get(flag, ok) != ok:
@@ -112,19 +107,6 @@ class _Attention(nn.Module):
         return dense(c, name="c_proj", **kw)(out), new
 
 
-class _MLP(nn.Module):
-    config: GPT2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = activation(cfg.activation_function)(dense(cfg.inner_size, name="c_fc", **kw)(x))
-        return dense(cfg.n_embd, name="c_proj", **kw)(h)
-
-
 class GPT2Block(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
@@ -145,7 +127,9 @@ class GPT2Block(nn.Module):
         h, new = _Attention(cfg, name="attn", **kw)(h, mask, past, cache_index)
         x = x + h
         h = LayerNorm(cfg.layer_norm_epsilon, name="ln_2", **kw)(x)
-        return x + _MLP(cfg, name="mlp", **kw)(h), new
+        act = activation(cfg.activation_function)
+        mlp = MLP(cfg.inner_size, act, ("c_fc", "c_proj"), name="mlp", **kw)
+        return x + mlp(h), new
 
 
 def _causal_mask(query_slots: jax.Array, num_keys: int) -> jax.Array:

@@ -2,16 +2,21 @@
 
 The two halves live in vd_jax/models/bert.py and vd_jax/models/gpt2.py; this
 module gathers them with the config reader for the layout VD's `optimus.yaml`
-uses (`{"bert": {...}, "gpt2": {...}, "latent_size": N}`, as in the shared
-fixtures' tiny_config.json "vae.text" entry). Decoding lives in
-vd_jax/text_decoding.py, tokenizers in vd_jax/optimus_tokenizers.py and the
-`optimus-vae.pth` key table in vd_jax/convert/optimus.py.
+uses (`{"bert": {...}, "gpt2": {...}, "latent_size": N}`), and `OptimusVAE`, the
+one object that turns sentences into latents and back for the pipelines and the
+trainer. Decoding lives in vd_jax/models/text_decoding.py, tokenizers in
+vd_jax/processing/optimus_tokenizers.py and the `optimus-vae.pth` key table in
+vd_jax/convert/optimus.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from vd_jax.models.bert import BertConfig, BertEncoder
 from vd_jax.models.gpt2 import Cache, GPT2Config, GPT2Decoder
@@ -22,6 +27,7 @@ __all__ = [
     "Cache",
     "GPT2Config",
     "GPT2Decoder",
+    "OptimusVAE",
     "optimus_configs",
 ]
 
@@ -44,3 +50,76 @@ def optimus_configs(d: Mapping[str, Any] | None = None) -> tuple[BertConfig, GPT
         BertConfig.from_hf(d.get("bert", {}), latent_size=latent),
         GPT2Config.from_hf(d.get("gpt2", {}), latent_size=latent),
     )
+
+
+@dataclasses.dataclass
+class OptimusVAE:
+    """Optimus as one object: sentences -> latents (the encoder's mu) and latents -> sentences.
+
+    Shared by `VDPipeline` (image->text, text variation, I2T2I) and the trainer's frozen
+    encoders (text flows trained from raw captions).
+
+    Attributes:
+      configs: (BertConfig, GPT2Config), e.g. from `optimus_configs`.
+      params: {"encoder": ..., "decoder": ...}; a half the caller does not use may be absent.
+      bert_tokenizer / gpt2_tokenizer: from `vd_jax.processing.optimus_tokenizers`.
+      lowercase: the original lower-cases text before its cased BERT.
+      dtype: compute dtype.
+    """
+
+    configs: tuple[BertConfig, GPT2Config]
+    params: Mapping[str, Any]
+    bert_tokenizer: Any = None
+    gpt2_tokenizer: Any = None
+    lowercase: bool = True
+    dtype: Any = jnp.float32
+
+    def _half(self, name: str) -> Any:
+        p = (self.params or {}).get(name)
+        if p is None:
+            raise ValueError(f"this Optimus VAE was loaded without its {name}")
+        return p
+
+    def encode(self, texts: Sequence[str]) -> jax.Array:
+        """Latents (the encoder's mu) [B, latent] of sentences."""
+        from vd_jax.processing.optimus_tokenizers import encode_for_optimus
+
+        params = self._half("encoder")
+        ids, mask = encode_for_optimus(self.bert_tokenizer, list(texts), lowercase=self.lowercase)
+        enc = BertEncoder(self.configs[0], dtype=self.dtype)
+        mu, _ = enc.apply({"params": params}, ids, mask, method="latent")
+        return mu
+
+    def decode(
+        self,
+        latents: jax.Array,
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_length: int = 30,
+        method: str = "sample",
+        num_beams: int = 4,
+        remove_duplicates: bool = True,
+    ) -> list[str]:
+        """Sentences from latents (the original: ancestral sampling, T=1, 30 tokens)."""
+        from vd_jax.models import text_decoding as td
+        from vd_jax.processing.optimus_tokenizers import BOS_ID, EOS_ID
+
+        params = self._half("decoder")
+        dec = GPT2Decoder(self.configs[1], dtype=self.dtype)
+        z = jnp.asarray(latents, jnp.float32)
+        kw = dict(bos_id=BOS_ID, eos_id=EOS_ID, max_length=max_length)
+        if method == "sample":
+            rng = jax.random.fold_in(jax.random.key(seed), 2)
+            out = td.sample(
+                dec, params, z, rng, temperature=temperature, top_k=top_k, top_p=top_p, **kw
+            )
+        elif method == "greedy":
+            out = td.greedy(dec, params, z, **kw)
+        elif method == "beam":
+            out = td.beam_search(dec, params, z, num_beams=num_beams, **kw)
+        else:
+            raise ValueError(f"text decoding method {method!r}: sample | greedy | beam")
+        return td.decode_texts(self.gpt2_tokenizer, out, remove_duplicates=remove_duplicates)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.layers import Dtype, GroupNorm, dense
+from vd_jax.models.layers import Dtype, NormActBlock, dense
 
 
 def tokens_to_flat(h: jax.Array) -> jax.Array:
@@ -47,7 +47,7 @@ class TextIn(nn.Module):
         return flat_to_tokens(v, self.second_dim)
 
 
-class FCResBlock(nn.Module):
+class FCResBlock(NormActBlock):
     """VD's `FCBlock_MultiDim` / diffusers' `ResnetBlockFlat` on [B, S, C] tokens.
 
     A dense residual MLP over the flattened C*S vector: GN(groups, C*S) - SiLU -
@@ -56,22 +56,16 @@ class FCResBlock(nn.Module):
     has a per-(c, s) affine, which is why it cannot be a GroupNorm over tokens.
     """
 
-    out_channels: int
-    norm_groups: int = 32
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes
         s = x.shape[1]
         width = self.out_channels * s
         v = tokens_to_flat(x)
-        h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm1", **kw)(v))
+        h = self.norm_silu(v, "norm1")
         h = dense(width, name="conv1", **kw)(h)
         h = h + dense(width, name="time_emb_proj", **kw)(nn.silu(temb))
-        h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm2", **kw)(h))
+        h = self.norm_silu(h, "norm2")
         h = dense(width, name="conv2", **kw)(h)
         if v.shape[-1] != width:
             v = dense(width, name="conv_shortcut", **kw)(v)
@@ -91,19 +85,15 @@ class TextResample(nn.Module):
         return flat_to_tokens(v, x.shape[1])
 
 
-class TextOut(nn.Module):
-    """GroupNorm over the [C, S] map (per-channel affine) - SiLU - Linear(C*S -> text_dim)."""
+class TextOut(NormActBlock):
+    """GroupNorm over the [C, S] map (per-channel affine) - SiLU - Linear(C*S -> out_channels).
 
-    out_features: int
-    norm_groups: int = 32
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    `out_channels` is the width of the text latent (the diffuser's `text_dim`).
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Unlike the FC blocks' norms this one is a GroupNorm over channels of the map:
         # statistics span C/groups channels x S tokens, the affine is per channel.
-        h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm", **kw)(x))
-        return dense(self.out_features, name="linear", **kw)(tokens_to_flat(h))
+        h = self.norm_silu(x, "norm")
+        return dense(self.out_channels, name="linear", **self.dtypes)(tokens_to_flat(h))

@@ -26,14 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.convert import core
+from vd_jax.models.abstract import abstract_params as model_abstract_params
+from vd_jax.models.attention import IMPLEMENTATIONS
 from vd_jax.models.layer_plan import Step, context_widths, data_steps, layer_plan
-from vd_jax.models.text_blocks import FCResBlock, TextIn, TextOut, TextResample
-from vd_jax.nn.attention import IMPLEMENTATIONS
-from vd_jax.nn.layers import (
+from vd_jax.models.layers import (
     Downsample2D,
     Dtype,
-    GroupNorm,
+    NormActBlock,
     ResnetBlock2D,
     SpatialTransformer,
     Upsample2D,
@@ -41,6 +40,7 @@ from vd_jax.nn.layers import (
     dense,
     timestep_embedding,
 )
+from vd_jax.models.text_blocks import FCResBlock, TextIn, TextOut, TextResample
 
 TYPES = ("image", "text")
 ALL_PARTS = ("global", "data/image", "data/text", "context/image", "context/text")
@@ -68,7 +68,7 @@ class DiffuserConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    # How the context blocks compute attention, not what (vd_jax.nn.attention.IMPLEMENTATIONS):
+    # How the context blocks compute attention, not what (vd_jax.models.attention.IMPLEMENTATIONS):
     # 'auto' takes cuDNN's flash attention on a GPU in bf16/f16 where it was measured faster.
     attention: str = "auto"
 
@@ -85,28 +85,6 @@ class DiffuserConfig:
     @property
     def num_levels(self) -> int:
         return len(self.channel_mult)
-
-    @classmethod
-    def from_diffusers(cls, image_unet: dict, text_unet: dict | None = None) -> DiffuserConfig:
-        """Builds the config from diffusers' `image_unet/config.json` (+ `text_unet/config.json`).
-
-        Args:
-          image_unet: the `UNet2DConditionModel` config dict.
-          text_unet: the `UNetFlatConditionModel` config dict, or None for an image-only
-            diffuser (the text sizes then keep their defaults).
-
-        Raises:
-          ValueError: naming the field, for an option VD's diffuser does not have or
-            when the two U-Nets disagree on layer order or widths.
-        """
-        from vd_jax.convert.unet import config_fields_from_diffusers
-
-        return cls(**config_fields_from_diffusers(image_unet, text_unet))
-
-
-def flow_parts(xtype: str, ctypes: Sequence[str]) -> tuple[str, ...]:
-    """The param parts a flow reads, e.g. text->image: ('global', 'data/image', 'context/text')."""
-    return ("global", f"data/{xtype}", *dict.fromkeys(f"context/{c}" for c in ctypes))
 
 
 def normalize_parts(parts: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -157,20 +135,13 @@ class ImageIn(nn.Module):
         return conv2d(self.out_channels, 3, name="conv", **kw)(x)
 
 
-class ImageOut(nn.Module):
+class ImageOut(NormActBlock):
     """The last image block: GroupNorm - SiLU - conv 3x3 to the latent's channels."""
-
-    out_channels: int
-    norm_groups: int = 32
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm(self.norm_groups, self.epsilon, name="norm", **kw)(x))
-        return conv2d(self.out_channels, 3, name="conv", **kw)(h)
+        h = self.norm_silu(x, "norm")
+        return conv2d(self.out_channels, 3, name="conv", **self.dtypes)(h)
 
 
 class DataBlocks(nn.Module):
@@ -459,7 +430,7 @@ def init_params(
     *,
     param_dtype: Dtype = jnp.float32,
 ) -> dict[str, Any]:
-    """Random params for `parts` (default all), e.g. `flow_parts('image', ['text'])`."""
+    """Random params for `parts` (default all), e.g. ('global', 'data/image', 'context/text')."""
     model = VDDiffuser(config, param_dtype=param_dtype)
     parts = normalize_parts(parts)
     init = jax.jit(lambda key: model.init(key, parts, method=VDDiffuser.init_parts))
@@ -475,6 +446,6 @@ def abstract_params(
     """Shapes/dtypes (`jax.ShapeDtypeStruct`) of the params of `parts`; allocates nothing."""
     model = VDDiffuser(config, param_dtype=param_dtype)
     parts = normalize_parts(parts)
-    return core.abstract_params(
+    return model_abstract_params(
         lambda: model.init(jax.random.key(0), parts, method=VDDiffuser.init_parts)
     )

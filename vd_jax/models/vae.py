@@ -27,14 +27,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vd_jax.nn.attention import attention
-from vd_jax.nn.layers import (
+from vd_jax.models.attention import attention
+from vd_jax.models.layers import (
     Downsample2D,
+    DtypesMixin,
     GroupNorm,
     ResnetBlock2D,
     Upsample2D,
     conv2d,
     dense,
+    qkv,
 )
 
 Dtype = Any
@@ -183,9 +185,7 @@ class VAEAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         y = GroupNorm(self.norm_groups, _EPS, name="group_norm", **kw)(x).reshape(b, h * w, c)
-        q = dense(c, name="to_q", **kw)(y)
-        k = dense(c, name="to_k", **kw)(y)
-        v = dense(c, name="to_v", **kw)(y)
+        q, k, v = qkv(y, y, c, ("to_q", "to_k", "to_v"), **kw)
         # heads=1: diffusers sets attention_head_dim = channels here, so the scale is C**-0.5.
         out = dense(c, name="to_out", **kw)(attention(q, k, v, heads=1))
         # rescale_output_factor is 1 in the VAE: a plain residual.
@@ -210,109 +210,107 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(self.channels, self.norm_groups, _EPS, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock(nn.Module):
-    """diffusers' `DownEncoderBlock2D`: resnets, then an optional (0, 1)-padded stride-2 conv."""
+class ResnetLevel(nn.Module):
+    """One level of the encoder or the decoder: resnets, then the level's resampler, if any.
+
+    With `resample="down"` diffusers' `DownEncoderBlock2D` (a (0, 1)-padded stride-2 conv,
+    `downsamplers_0`), with "up" its `UpDecoderBlock2D` (nearest x2 + conv, `upsamplers_0`);
+    None, the innermost level of either, has no resampler.
+    """
 
     out_channels: int
     num_layers: int
     norm_groups: int
-    add_downsample: bool
+    resample: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.resample not in ("down", "up", None):
+            raise ValueError(f"resample must be 'down', 'up' or None, got {self.resample!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = self.out_channels
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.norm_groups, _EPS, name=f"resnets_{j}", **kw)(
-                x
-            )
-        if self.add_downsample:
-            x = Downsample2D(self.out_channels, padding="asymmetric", name="downsamplers_0", **kw)(
-                x
-            )
+            x = ResnetBlock2D(c, self.norm_groups, _EPS, name=f"resnets_{j}", **kw)(x)
+        if self.resample == "down":
+            x = Downsample2D(c, padding="asymmetric", name="downsamplers_0", **kw)(x)
+        elif self.resample == "up":
+            x = Upsample2D(c, name="upsamplers_0", **kw)(x)
         return x
 
 
-class UpDecoderBlock(nn.Module):
-    """diffusers' `UpDecoderBlock2D`: resnets, then an optional nearest-x2 upsample + conv."""
+class _EncoderDecoder(DtypesMixin, nn.Module):
+    """What the encoder and the decoder share: the config, conv_in, levels, mid block and output.
 
-    out_channels: int
-    num_layers: int
-    norm_groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.norm_groups, _EPS, name=f"resnets_{j}", **kw)(
-                x
-            )
-        if self.add_upsample:
-            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
-        return x
-
-
-class Encoder(nn.Module):
-    """Image [B, H, W, C_in] -> [B, H/f, W/f, 2 * latent] (mean and logvar, before quant_conv)."""
+    The `_*` helpers run inside the subclass's compact `__call__`, so the layers they create
+    are its submodules, named as diffusers names them.
+    """
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @nn.nowrap
+    def _conv_in(self, x: jax.Array, channels: int) -> jax.Array:
+        return conv2d(channels, 3, name="conv_in", **self.dtypes)(x.astype(self.dtype))
+
+    @nn.nowrap
+    def _levels(self, x: jax.Array, channels: tuple[int, ...], num_layers: int, resample: str):
+        """`{resample}_blocks_{i}` for each width in `channels`, the last without a resampler."""
+        for i, c in enumerate(channels):
+            x = ResnetLevel(
+                c,
+                num_layers,
+                self.config.norm_num_groups,
+                resample if i < len(channels) - 1 else None,
+                name=f"{resample}_blocks_{i}",
+                **self.dtypes,
+            )(x)
+        return x
+
+    @nn.nowrap
+    def _mid(self, x: jax.Array, channels: int) -> jax.Array:
+        cfg = self.config
+        return MidBlock(
+            channels,
+            cfg.norm_num_groups,
+            cfg.mid_block_add_attention,
+            name="mid_block",
+            **self.dtypes,
+        )(x)
+
+    @nn.nowrap
+    def _out(self, x: jax.Array, features: int) -> jax.Array:
+        kw = self.dtypes
+        x = nn.silu(GroupNorm(self.config.norm_num_groups, _EPS, name="conv_norm_out", **kw)(x))
+        return conv2d(features, 3, name="conv_out", **kw)(x)
+
+
+class Encoder(_EncoderDecoder):
+    """Image [B, H, W, C_in] -> [B, H/f, W/f, 2 * latent] (mean and logvar, before quant_conv)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans = cfg.block_out_channels
-        x = conv2d(chans[0], 3, name="conv_in", **kw)(x.astype(self.dtype))
-        for i, c in enumerate(chans):
-            x = DownEncoderBlock(
-                c,
-                cfg.layers_per_block,
-                cfg.norm_num_groups,
-                add_downsample=i < len(chans) - 1,
-                name=f"down_blocks_{i}",
-                **kw,
-            )(x)
-        x = MidBlock(
-            chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
-        )(x)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, name="conv_norm_out", **kw)(x))
-        return conv2d(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
+        x = self._conv_in(x, chans[0])
+        x = self._levels(x, chans, cfg.layers_per_block, "down")
+        x = self._mid(x, chans[-1])
+        return self._out(x, 2 * cfg.latent_channels)
 
 
-class Decoder(nn.Module):
+class Decoder(_EncoderDecoder):
     """Latent [B, h, w, latent] -> image [B, h*f, w*f, C_out] (after post_quant_conv)."""
-
-    config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rev = tuple(reversed(cfg.block_out_channels))
-        x = conv2d(rev[0], 3, name="conv_in", **kw)(z.astype(self.dtype))
-        x = MidBlock(
-            rev[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
-        )(x)
+        x = self._conv_in(z, rev[0])
+        x = self._mid(x, rev[0])
         # up_blocks_0 is the deepest level: diffusers orders them opposite to LDM's `up.{i}`.
-        for i, c in enumerate(rev):
-            x = UpDecoderBlock(
-                c,
-                cfg.layers_per_block + 1,
-                cfg.norm_num_groups,
-                add_upsample=i < len(rev) - 1,
-                name=f"up_blocks_{i}",
-                **kw,
-            )(x)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, name="conv_norm_out", **kw)(x))
-        return conv2d(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        return self._out(self._levels(x, rev, cfg.layers_per_block + 1, "up"), cfg.out_channels)
 
 
 class AutoencoderKL(nn.Module):
