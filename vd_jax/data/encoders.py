@@ -124,8 +124,9 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> FrozenEnco
     """The frozen VAE / CLIP / text VAE the flows need, random (tests) or pretrained."""
     e = config.encoders
     enc = FrozenEncoders(params={})
+    text_data = any(vd_flows.get(f).data == "text" for f in flows)
     if e.source == "pretrained":
-        _add_pretrained(enc, config, flows)
+        _add_pretrained(enc, config, flows, optimus=text_data and e.text_vae == "optimus")
     elif e.source == "random":
         _add_random(enc, config, flows, rng)
     elif e.source == "demo":
@@ -137,14 +138,13 @@ def build_encoders(config, flows: tuple[str, ...], rng: jax.Array) -> FrozenEnco
         raise ValueError(
             f"encoders.source must be 'pretrained', 'random' or 'demo', got {e.source!r}"
         )
-    text_data = any(vd_flows.get(f).data == "text" for f in flows)
     if text_data and enc.text_vae is None and e.text_vae == "fake":
         enc.text_vae = FakeTextVAE(config.model.text_dim, seed=config.seed)
     _add_unconditional(enc, config)
     return enc
 
 
-def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...]) -> None:
+def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...], optimus: bool) -> None:
     """The VAE, CLIP towers and Optimus of `encoders.folder` (any format `load_models` reads)."""
     e = config.encoders
     m = pretrained_models(e.folder, tuple(flows))
@@ -155,8 +155,7 @@ def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...]) -> None
     if m.vision_config is not None and e.on_the_fly:
         enc.clip_vision = CLIPVisionEncoder(m.vision_config)
         enc.params["clip_vision"] = m.vision_params
-    text_data = any(vd_flows.get(f).data == "text" for f in flows)
-    if text_data and e.text_vae == "optimus":
+    if optimus:
         enc.text_vae = OptimusVAE(
             m.optimus_configs,
             m.optimus_params,

@@ -80,7 +80,7 @@ def train_and_evaluate(
     if config.sample_every >= 0:
         first = next(make_iterator(config, process_index=0, process_count=1))
         sampler = Sampler(trainer, workdir, writer, first)
-    state, step, preempted = _run_steps(config, trainer, state, it, mngr, writer, sampler)
+    state, step, preempted = _run_steps(config, trainer, state, start, it, mngr, writer, sampler)
     if (
         sampler is not None
         and not preempted
@@ -108,10 +108,9 @@ def _initial_state(trainer: Trainer, mngr, it) -> dict:
     return state
 
 
-def _run_steps(config, trainer: Trainer, state: dict, it, mngr, writer, sampler):
+def _run_steps(config, trainer: Trainer, state: dict, start: int, it, mngr, writer, sampler):
     """Steps from the state's step to `num_steps`: logs, checkpoints, samples, stops on
     SIGTERM. Returns (state, the last step done, whether it was preempted)."""
-    start = int(jax.device_get(state["step"]))
     log = _StepLog(config, trainer, writer, start)
     preempt = ckpt.Preemption()
     step = start
