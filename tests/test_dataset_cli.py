@@ -131,10 +131,10 @@ def test_cache_contents(cache, src):
     arrays = {
         "image_latent": [[8, 8, 4], "float32"],
         "text_latent": [[24], "float32"],
-        "text_context": [[77, 32], "float32"],
-        "image_context": [[17, 32], "float32"],
+        "text_context": [[77, 32], "bfloat16"],  # contexts in bfloat16 by default
+        "image_context": [[17, 32], "bfloat16"],
     }
-    assert cache["arrays"] == arrays and cache["skipped"] == {}
+    assert cache["arrays"] == arrays and cache["skipped"] == {} and cache["complete"]
     overrides = cache["train_overrides"]
     assert overrides["data.name"] == cache["tfds_name"] and overrides["latent_size"] == 8
     assert overrides["encoders.text_context_len"] == 77

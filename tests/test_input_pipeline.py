@@ -257,6 +257,50 @@ def test_state_resumption(built):
         _iterator(built, seed=8).set_state(state)
 
 
+def _global_batches(built, hosts, n, state=None, **kwargs):
+    """n global batches' keys (host batches concatenated in host order) with `hosts` hosts."""
+    its = [
+        _iterator(built, batch_size=4 // hosts, process_index=i, process_count=hosts, **kwargs)
+        for i in range(hosts)
+    ]
+    for it in its:
+        if state is not None:
+            it.set_state(state)
+    out = [sum((list(next(it)["key"]) for it in its), []) for _ in range(n)]
+    states = [it.get_state() for it in its]
+    assert all(s == states[0] for s in states)  # one global position, whatever the host
+    return out, states[0]
+
+
+def test_any_host_count_sees_the_same_batches_and_resumes(built):
+    one, state1 = _global_batches(built, 1, 5, seed=5)
+    two, state2 = _global_batches(built, 2, 5, seed=5)
+    four, _ = _global_batches(built, 4, 5, seed=5)
+    assert one == two == four and state1 == state2 == {**state1, "position": 20}
+    # 2 hosts stop after 2 batches; 1 host (and 4) take over from their state.
+    _, mid = _global_batches(built, 2, 2, seed=5)
+    assert _global_batches(built, 1, 3, state=mid, seed=5)[0] == one[2:]
+    assert _global_batches(built, 4, 3, state=mid, seed=5)[0] == one[2:]
+
+
+class _Huge:
+    """A billion records made on demand: an iterator that listed them all would need GBs."""
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, index):
+        return {"image_latent": np.full((2,), index, np.int64), "key": f"{index}".encode()}
+
+
+def test_no_whole_dataset_permutation():
+    it = input_pipeline.InputIterator(_Huge(), batch_size=8, image_size=8, seed=1, num_threads=2)
+    first = [next(it)["image_latent"][:, 0] for _ in range(3)]
+    keys = np.concatenate(first)
+    assert len(set(keys.tolist())) == 24 and keys.max() > 10**6  # shuffled over all 1e9
+    it.close()
+
+
 class _Damaged:
     """A data source whose record 1 has garbage image bytes and record 2 cannot be read."""
 
@@ -297,6 +341,22 @@ def test_corrupt_records_skipped_and_counted(built):
     assert stats["examples"] == len(keys) == 4 - len(small)
     assert ("unreadable", "#2") in stats["skipped_keys"]
     assert source.source[1]["key"].decode() not in keys
+
+
+def test_training_stream_substitutes_bad_records(built):
+    data_dir, report = built
+    source = _Damaged(input_pipeline.open_data_source(str(data_dir), report["tfds_name"], "train"))
+    it = _iterator(built, batch_size=3, data_source=source, seed=2)
+    batches = [next(it) for _ in range(4)]  # two epochs of 6 slots
+    assert all(len(b["key"]) == 3 for b in batches)  # every batch full
+    keys = [k for b in batches for k in b["key"]]
+    bad = source.source[1]["key"].decode()
+    assert bad not in keys
+    stats = it.stats()
+    assert stats["skipped_unreadable"] >= 2 and stats["skipped_corrupt"] >= 2
+    assert stats["substituted"] == 4 and stats["examples"] == 12
+    again = _iterator(built, batch_size=3, data_source=source, seed=2)
+    assert [k for _ in range(4) for k in next(again)["key"]] == keys  # deterministic
 
 
 def _encode_fn(batch):

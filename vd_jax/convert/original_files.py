@@ -144,6 +144,7 @@ def load_original_folder(
     *,
     param_dtype: Any = jnp.float32,
     clip_dir: str | None = None,
+    optimus_halves: Sequence[str] = (),
 ) -> VDModels:
     """Loads what `flows` need from a folder of the released original files.
 
@@ -152,6 +153,7 @@ def load_original_folder(
       flows: the flows to prepare (decides which files and parts are read).
       param_dtype: storage dtype of the returned params (the fp16 file is upcast).
       clip_dir: a transformers CLIPModel folder (default: folder/clip if present).
+      optimus_halves: Optimus halves ('encoder' / 'decoder') to load besides the flows'.
     """
     folder = os.fspath(folder)
     flows = vd_flows.check(flows)
@@ -175,7 +177,7 @@ def load_original_folder(
     needs_image = any(n.needs_clip_vision for n in needs)
     if needs_text or needs_image:
         _add_clip(models, folder, clip_dir, old, c, needs_text, needs_image, param_dtype)
-    halves = tuple(sorted({h for n in needs for h in n.optimus}))
+    halves = tuple(sorted({h for n in needs for h in n.optimus} | set(optimus_halves)))
     if halves:
         _add_optimus(models, folder, old, c["optimus"], halves, param_dtype)
     return models

@@ -33,16 +33,17 @@ import io
 import json
 import os
 import posixpath
-import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
-from vd_jax.data.tfds_builder import LocalBuilder
+from vd_jax.data.tfds_builder import LocalBuilder, is_url, upload_tree
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 REPORT_FILE = "build_report.json"
@@ -339,27 +340,33 @@ class CaptionedImages(LocalBuilder):
 
 
 def _build(config: CaptionedImagesConfig, data_dir: str, overwrite: bool) -> dict:
+    # The sources are local files; the output (data_dir) may be remote (gs://): epath only.
     builder = CaptionedImages(data_dir=data_dir, config=config)
-    dataset_dir = os.fspath(builder.data_dir)
-    report_path = os.path.join(dataset_dir, REPORT_FILE)
-    if os.path.exists(dataset_dir):
+    dataset_dir = epath.Path(builder.data_dir)
+    report_path = dataset_dir / REPORT_FILE
+    if dataset_dir.exists():
         if not overwrite:
-            if not os.path.exists(report_path):
+            if not report_path.exists():
                 raise FileExistsError(f"{dataset_dir} exists without {REPORT_FILE}; overwrite?")
-            with open(report_path) as f:
-                return {**json.load(f), "reused": True}
-        shutil.rmtree(dataset_dir)
+            return {**json.loads(report_path.read_text()), "reused": True}
+        dataset_dir.rmtree()
         builder = CaptionedImages(data_dir=data_dir, config=config)
+    if is_url(data_dir):  # array_record writes local files only: build here, then upload
+        with tempfile.TemporaryDirectory(prefix="vd_jax_build_") as tmp:
+            local = _build(config, tmp, overwrite=True)
+            upload_tree(epath.Path(local["dataset_dir"]), dataset_dir)
+        report = {**local, "data_dir": str(data_dir), "dataset_dir": str(dataset_dir)}
+        report_path.write_text(json.dumps(report, indent=1))
+        return report
     builder.download_and_prepare(file_format="array_record")
     report = {
         "name": config.name,
         "tfds_name": f"{builder.name}/{config.name}",
-        "data_dir": os.fspath(data_dir),
-        "dataset_dir": dataset_dir,
+        "data_dir": str(data_dir),
+        "dataset_dir": str(dataset_dir),
         **builder.build_report,
     }
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=1)
+    report_path.write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -8,9 +8,13 @@ r"""Data preparation from the command line: captioned images -> TFDS dataset -> 
   python -m vd_jax.datasets cache --config=configs/vd_four_flow.py:res=256 \
       --config.encoders.folder=/models/vd --data_dir=/data/tfds \
       --source_name=captioned_images/laion --name=laion_256
+  # ... the same on N processes (e.g. one per host), process I with --shard_index=$I; the last
+  # one to finish joins the shards (or run `cache --finalize --name=... --num_shards=N`):
+  python -m vd_jax.datasets cache ... --num_shards=8 --shard_index=$I
 
 Each subcommand prints its report as JSON; ``cache`` includes ``train_overrides``, the
-``--config.*`` values that make train.py read the cache. The logic lives in
+``--config.*`` values that make train.py read the cache (a shard that finished before others
+reports ``complete: false`` and ``waiting_for``). The logic lives in
 `vd_jax.data.captioned_images` and `vd_jax.data.caching`.
 """
 
@@ -69,6 +73,31 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     )
     flags.DEFINE_list("splits", None, "cache: source splits (default all).", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "cache: examples per encoder call.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_shards", 1, "cache: processes that build the cache together.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "shard_index",
+        0,
+        "cache: this process's part, 0..num_shards-1 (records [n*I//N, n*(I+1)//N) of each split).",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "context_dtype",
+        "bfloat16",
+        ["bfloat16", "float32"],
+        "cache: storage dtype of image_context / text_context.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "examples_per_file", 1024, "cache: about this many examples per file.", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "finalize",
+        False,
+        "cache: encode nothing; check that all --num_shards shards are done and join them.",
+        flag_values=fv,
+    )
 
 
 def summarize_report(report: dict, max_keys: int = _MAX_KEYS) -> dict:
@@ -137,10 +166,24 @@ def _run(command: str, positional: list[str], fv: flags.FlagValues) -> dict:
     else:
         if positional:
             raise SystemExit(f"cache takes no positional arguments, got {positional}")
-        if fv.config is None:
-            raise SystemExit("cache needs --config")
-        from vd_jax.data import caching
+        report = _cache(fv)
+    return report
 
+
+def _cache(fv: flags.FlagValues) -> dict:
+    from vd_jax.data import caching, latent_cache
+
+    if fv.finalize:
+        if not fv.name and (fv.config is None or not fv.source_name):
+            raise SystemExit("cache --finalize needs --name (or --config and --source_name)")
+        name = fv.name or caching.default_name(fv.source_name, fv.config.image_size)
+        try:
+            report = caching.finalize_latent_cache(fv.data_dir, name, fv.num_shards)
+        except latent_cache.IncompleteCacheError as e:
+            raise SystemExit(f"cache --finalize: {e}") from None
+    elif fv.config is None:
+        raise SystemExit("cache needs --config")
+    else:
         report = caching.build_latent_cache(
             fv.config,
             data_dir=fv.data_dir,
@@ -151,7 +194,12 @@ def _run(command: str, positional: list[str], fv: flags.FlagValues) -> dict:
             batch_size=fv.batch_size,
             num_threads=fv.num_threads,
             overwrite=fv.overwrite,
+            num_shards=fv.num_shards,
+            shard_index=fv.shard_index,
+            context_dtype=fv.context_dtype,
+            examples_per_file=fv.examples_per_file,
         )
+    if "train_overrides" in report:  # a finished cache (not a shard waiting for others)
         report["train_flags"] = " ".join(
             f"--config.{k}={v}" for k, v in report["train_overrides"].items()
         )

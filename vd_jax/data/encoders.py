@@ -24,6 +24,7 @@ from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig
 from vd_jax.models.optimus import OptimusVAE
 from vd_jax.models.vae import AutoencoderKL, VAEConfig, encode_images
 from vd_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vd_jax.processing.optimus_tokenizers import ENCODER_LENGTH
 
 # Compile options of programs that run once (inits): XLA's backend optimisation only costs.
 RUN_ONCE = {"xla_backend_optimization_level": 0}
@@ -32,14 +33,27 @@ RUN_ONCE = {"xla_backend_optimization_level": 0}
 @functools.lru_cache(maxsize=2)
 def pretrained_models(folder: str, flows: tuple[str, ...]):
     """`vd_jax.convert.load.load_models` for the trainer's flows, cached: a fine-tune usually
-    takes its frozen encoders and its starting diffuser from the same folder, read once."""
+    takes its frozen encoders and its starting diffuser from the same folder, read once.
+
+    Text flows also get Optimus' encoder half: sampling them needs only the decoder, but
+    training makes their text latents from captions with the encoder."""
     from vd_jax.convert.load import load_models
 
-    return load_models(folder, flows)
+    text_data = any(vd_flows.get(f).data == "text" for f in flows)
+    return load_models(folder, flows, optimus_halves=("encoder",) if text_data else ())
 
 
 # The batch entries the step takes; anything else (captions, keys) stays on the host.
-STEP_INPUTS = ("image_latent", "text_latent", "text_context", "image_context", "image", "text_ids")
+STEP_INPUTS = (
+    "image_latent",
+    "text_latent",
+    "text_context",
+    "image_context",
+    "image",
+    "text_ids",
+    "optimus_ids",
+    "optimus_mask",
+)
 
 
 @dataclasses.dataclass
@@ -47,23 +61,38 @@ class FrozenEncoders:
     """VAE, CLIP towers and text VAE, kept out of the optimizer.
 
     `params` (arrays only) is the step's separately sharded `frozen` argument; the modules
-    are static. Image encodes (VAE latents, CLIP image contexts) and CLIP text contexts run
-    inside the jitted step on batches that lack the precomputed entries; sentences become
-    text latents on the host through `text_vae.encode` (Optimus, or `FakeTextVAE`).
+    are static. Image encodes (VAE latents, CLIP image contexts), CLIP text contexts and
+    Optimus text latents run inside the jitted step on batches that lack the precomputed
+    entries; the host only tokenizes captions (`host_prepare`). A text VAE without params
+    here (`FakeTextVAE`, the demo's) makes text latents on the host instead.
     """
 
-    params: dict[str, Any]  # 'vae', 'clip_text', 'clip_vision', 'uncond_text', 'uncond_image'
+    # 'vae', 'clip_text', 'clip_vision', 'optimus' (Optimus' encoder half), 'uncond_text',
+    # 'uncond_image'
+    params: dict[str, Any]
     vae: AutoencoderKL | None = None
     clip_text: CLIPTextEncoder | None = None
     clip_vision: CLIPVisionEncoder | None = None
     tokenizer: Any = None
-    text_vae: Any = None  # .encode(list[str]) -> [B, D] numpy; .decode(latents) -> list[str]
+    # .encode(list[str]) -> [B, D]; .decode(latents) -> list[str]. With params['optimus'] it
+    # is an `OptimusVAE` whose `tokenize` / `latents` the step uses instead of `encode`.
+    text_vae: Any = None
     # Keep only the first N image-context tokens when encoding in the step (None: all; 1: the
     # CLS token alone, the demo's setting, see vd_jax/demo/encoders.py).
     image_context_tokens: int | None = None
 
+    @property
+    def text_latents_in_step(self) -> bool:
+        """Whether text latents are made in the step (Optimus) rather than on the host."""
+        return "optimus" in self.params
+
     def host_prepare(self, batch: dict[str, np.ndarray], needed: set[str]) -> dict:
-        """Tokenizes / text-VAE-encodes captions where needed; keeps only the step's inputs."""
+        """Tokenizes captions where needed; keeps only the step's inputs.
+
+        Adds `text_ids` (CLIP) for a missing `text_context`, and for a missing `text_latent`
+        `optimus_ids` / `optimus_mask` (int32 [B, ENCODER_LENGTH]) when Optimus encodes in
+        the step, else `text_latent` from a host-side text VAE.
+        """
         out = {k: np.asarray(v) for k, v in batch.items() if k in STEP_INPUTS}
         captions = batch.get("caption")
         if "text_context" in needed and "text_context" not in out:
@@ -73,11 +102,24 @@ class FrozenEncoders:
         if "text_latent" in needed and "text_latent" not in out:
             if self.text_vae is None or captions is None:
                 raise ValueError("batch has no 'text_latent' and no captions + text VAE")
-            out["text_latent"] = np.asarray(self.text_vae.encode(list(captions)), np.float32)
+            out.update(self._text_vae_inputs(list(captions)))
         for k in ("image_latent", "image_context"):
             if k in needed and k not in out and "image" not in out:
                 raise ValueError(f"batch has neither {k!r} nor 'image' to encode it from")
         return out
+
+    def _text_vae_inputs(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """Optimus token ids for the step to encode, or a host-side text VAE's latents."""
+        if self.text_latents_in_step:
+            ids, mask = self.text_vae.tokenize(captions, pad_to=ENCODER_LENGTH)
+            return {"optimus_ids": ids, "optimus_mask": mask}
+        if isinstance(self.text_vae, OptimusVAE):
+            # Eager BERT calls would move data implicitly, which the training loop forbids.
+            raise ValueError(
+                "batch has no 'text_latent' and Optimus is not among the step's encoders: "
+                "set encoders.on_the_fly=True to encode captions in the step"
+            )
+        return {"text_latent": np.asarray(self.text_vae.encode(captions), np.float32)}
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         tok = self.tokenizer
@@ -109,6 +151,9 @@ class FrozenEncoders:
                 inputs[k] = self.clip_text.apply(
                     {"params": frozen["clip_text"]}, batch["text_ids"], method="context"
                 )
+            elif k == "text_latent":
+                ids, mask = batch["optimus_ids"], batch["optimus_mask"]
+                inputs[k] = self.text_vae.latents(frozen["optimus"], ids, mask)
         inputs = jax.lax.stop_gradient(inputs)
         uncond = {"text": frozen["uncond_text"], "image": frozen["uncond_image"]}
         return inputs, jax.lax.stop_gradient(uncond)
@@ -163,6 +208,8 @@ def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...], optimus
             m.gpt2_tokenizer,
             lowercase=m.optimus_lowercase,
         )
+        if e.on_the_fly:  # else text latents come precomputed: no BERT on the devices
+            enc.params["optimus"] = enc.text_vae.encoder_params
 
 
 def _add_random(enc: FrozenEncoders, config, flows: tuple[str, ...], rng: jax.Array) -> None:

@@ -26,16 +26,23 @@ to S = ``image_size`` with bicubic filtering, then cropped), ``caption`` and ``k
 arrays of str. From a latent cache: every stored field, arrays stacked to [B, ...], text fields
 as object arrays of str.
 
-Order and sharding: epoch ``e`` visits a permutation of all N records drawn from
-``(seed, e)``, the same on every host. It is cut to a multiple of ``process_count`` and host
-``i`` takes positions ``i, i + P, i + 2P, ...``: hosts are disjoint, together cover the epoch,
-and each gets ``N // P`` records. Batches run on across epoch boundaries; with a finite
-``num_epochs`` the last short batch is dropped if ``drop_remainder``. Crops and flips depend only
-on ``(seed, epoch, record index)``, never on thread timing, so the stream is deterministic.
-``get_state()`` / ``set_state()`` save and restore ``(epoch, position)`` for exact resumption.
+Order and sharding: the run reads one global stream of *slots* 0, 1, 2, ...; slot ``g`` is
+record ``perm_e(g mod N)`` of epoch ``e = g // N``, where ``perm_e`` is a pseudo-random
+permutation of the N records drawn from ``(seed, e)`` and evaluated per index (grain's
+``index_shuffle``), so no host materialises a permutation of the whole dataset. A global
+batch of B examples is the next B slots; host ``i`` of P takes the ``i``-th contiguous block
+of B / P of them. The global batches therefore do not depend on the number of hosts, and the
+iterator's state is one number, the next global slot: `get_state` is the same on every host,
+and a run resumes from it on any number of hosts (any global batch size too). Crops and flips
+depend only on ``(seed, epoch, record index)``, never on thread timing or the host layout.
 
-Records that fail to read or decode are skipped and counted (`InputIterator.stats`), never
-raised. Skips make hosts' epochs uneven; run a fixed number of steps with ``num_epochs=None``.
+Records that fail to read or decode, or are below ``min_size``, are counted
+(`InputIterator.stats`), never raised. While training (``num_epochs=None``) such a slot takes
+a substitute record drawn deterministically from ``(seed, epoch, slot)``, so every batch is
+full and the stream stays the same on any host count. A finite pass (``num_epochs`` set:
+evaluation, caching) drops them instead, visiting every good record exactly once, so its
+batches may be short; the last global batch, if incomplete, is dropped with
+``drop_remainder``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ from PIL import Image
 from vd_jax.data.fake_data import FakeIterator
 
 _MAX_LOGGED_KEYS = 100
+# Substitute draws per slot before a run gives up on its dataset (a record that fails with
+# probability 1/2, e.g. min_size against half the images, runs out with 2**-64).
+_MAX_DRAWS = 64
 
 
 _DEFAULTS = {
@@ -159,49 +169,67 @@ class InputIterator:
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
         self._source = source
         self._num_records = len(source)
-        self.batch_size = batch_size
+        if self._num_records == 0:
+            raise ValueError("the data source has no records")
+        self.batch_size = batch_size  # this host's
+        self.global_batch_size = batch_size * process_count
         self.image_size = image_size
         self.seed = seed
         self.process_index, self.process_count = process_index, process_count
         self.shuffle, self.num_epochs, self.drop_remainder = shuffle, num_epochs, drop_remainder
         self.min_size, self.random_crop, self.random_flip = min_size, random_crop, random_flip
         self.caption_field = caption_field
+        self._end = None if num_epochs is None else num_epochs * self._num_records
         self._prefetch = prefetch or 2 * batch_size
         self._pool = concurrent.futures.ThreadPoolExecutor(num_threads)
-        self._orders: dict[int, np.ndarray] = {}
         self._pending: collections.deque = collections.deque()
-        self._epoch, self._position = 0, 0  # next record to hand out
-        self._ahead = (0, 0)  # next record to submit for reading
+        self._start = 0  # global slot of the next batch handed out
+        self._ahead = 0  # host-local index (from `_start`) of the next slot to submit
         self._stats = collections.Counter()
         self._skipped_keys: list[tuple[str, str]] = []
-        if self.records_per_epoch == 0:
-            raise ValueError(f"{self._num_records} records cannot feed {process_count} hosts")
 
     @property
     def records_per_epoch(self) -> int:
-        """Records this host visits per epoch (before skips)."""
-        return self._num_records // self.process_count
+        """About how many records this host visits per epoch (before skips)."""
+        return -(-self._num_records // self.process_count)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full batches per epoch on this host, ignoring skipped records."""
-        return self.records_per_epoch // self.batch_size
+    def _slot(self, t: int) -> int:
+        """The global slot of this host's `t`-th slot counted from `_start`."""
+        batch, j = divmod(t, self.batch_size)
+        block = self.process_index * self.batch_size
+        return self._start + batch * self.global_batch_size + block + j
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """This host's record indices for ``epoch`` (the last two epochs are cached)."""
-        if epoch not in self._orders:
-            # int32 halves the memory of the whole-epoch permutation below 2**31 records.
-            dtype = np.int32 if self._num_records < 2**31 else np.int64
-            order = np.arange(self._num_records, dtype=dtype)
-            if self.shuffle:
-                np.random.default_rng([self.seed, epoch]).shuffle(order)
-            used = self.records_per_epoch * self.process_count
-            self._orders[epoch] = order[:used][self.process_index :: self.process_count].copy()
-            for old in [e for e in self._orders if e < epoch - 1]:
-                del self._orders[old]
-        return self._orders[epoch]
+    def _record(self, slot: int, draw: int = 0) -> tuple[int, int]:
+        """(epoch, record index) of `slot`; `draw > 0` gives its substitutes."""
+        epoch, r = divmod(slot, self._num_records)
+        if not self.shuffle and draw == 0:
+            return epoch, r
+        from grain.experimental import index_shuffle  # deferred: only iterators need grain
+
+        key = [self.seed, epoch] + ([draw, slot] if draw else [])
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        return epoch, index_shuffle(r, max_index=self._num_records - 1, seed=seed, rounds=4)
+
+    def _load_slot(self, slot: int) -> tuple[dict | None, list[_Skip]]:
+        """The slot's example (a substitute's while training) and the skips on the way."""
+        skips = []
+        for draw in range(_MAX_DRAWS if self.num_epochs is None else 1):
+            epoch, index = self._record(slot, draw)
+            result = self._load(epoch, index)
+            if not isinstance(result, _Skip):
+                return result, skips
+            skips.append(result)
+        if self.num_epochs is None:
+            raise RuntimeError(
+                f"slot {slot}: {_MAX_DRAWS} records in a row failed to load (last: "
+                f"{skips[-1].reason} {skips[-1].key}); is the dataset damaged or min_size too "
+                "large?"
+            )
+        return None, skips
 
     def _load(self, epoch: int, index: int) -> dict | _Skip:
         """Reads and decodes one record (runs on a pool thread)."""
@@ -212,9 +240,9 @@ class InputIterator:
         key = _text(record.get("key", f"#{index}"))
         image = record.get("image")
         if not isinstance(image, bytes):  # a latent cache: stored arrays and text as they are
-            return {
-                k: _text(v) if isinstance(v, bytes) else np.asarray(v) for k, v in record.items()
-            }
+            from vd_jax.data import latent_cache  # deferred: it imports TFDS
+
+            return latent_cache.decode_record(record)
         if self.min_size and min(record["width"], record["height"]) < self.min_size:
             return _Skip("too_small", key)
         # Seeded per record so the result does not depend on which thread runs first.
@@ -228,72 +256,83 @@ class InputIterator:
         caption = _text(record.get(self.caption_field, ""))
         return {"image": pixels, "caption": caption, "key": key}
 
-    def _advance(self, epoch: int, position: int) -> tuple[int, int] | None:
-        position += 1
-        if position >= self.records_per_epoch:
-            epoch, position = epoch + 1, 0
-        if self.num_epochs is not None and epoch >= self.num_epochs:
-            return None
-        return epoch, position
+    def _batch_exists(self, start: int) -> bool:
+        """Whether the global batch starting at `start` is handed out at all."""
+        if self._end is None:
+            return True
+        if self.drop_remainder:
+            return start + self.global_batch_size <= self._end
+        return start < self._end
 
     def _fill(self) -> None:
-        while self._ahead is not None and len(self._pending) < self._prefetch:
-            epoch, position = self._ahead
-            index = int(self._order(epoch)[position])
-            self._pending.append((epoch, position, self._pool.submit(self._load, epoch, index)))
-            self._ahead = self._advance(epoch, position)
+        while len(self._pending) < self._prefetch:
+            t = self._ahead
+            batch_start = self._start + (t // self.batch_size) * self.global_batch_size
+            if not self._batch_exists(batch_start):
+                return
+            slot = self._slot(t)
+            self._ahead += 1
+            if self._end is not None and slot >= self._end:
+                self._pending.append(None)  # past the data: an empty place in the last batch
+            else:
+                self._pending.append(self._pool.submit(self._load_slot, slot))
 
     def __iter__(self) -> InputIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        examples = []
-        while len(examples) < self.batch_size:
+        while self._batch_exists(self._start):
+            examples = [e for e in self._take(self.batch_size) if e is not None]
+            self._start += self.global_batch_size
+            self._ahead -= self.batch_size
+            self._stats["examples"] += len(examples)
+            if examples:  # else a finite pass where this host's whole block failed
+                return _collate(examples)
+        raise StopIteration
+
+    def _take(self, n: int) -> list[dict | None]:
+        """The next `n` slots' examples (None where a finite pass has none), counting skips."""
+        out = []
+        for _ in range(n):
             self._fill()
-            if not self._pending:
-                break
-            epoch, position, future = self._pending.popleft()
-            result = future.result()
-            nxt = self._advance(epoch, position)
-            self._epoch, self._position = nxt if nxt is not None else (epoch + 1, 0)
-            self._stats["records_read"] += 1
-            if isinstance(result, _Skip):
-                self._stats[f"skipped_{result.reason}"] += 1
-                if len(self._skipped_keys) < _MAX_LOGGED_KEYS:
-                    self._skipped_keys.append((result.reason, result.key))
+            future = self._pending.popleft()
+            if future is None:
+                out.append(None)
                 continue
-            examples.append(result)
-        if not examples or (self.drop_remainder and len(examples) < self.batch_size):
-            raise StopIteration
-        self._stats["examples"] += len(examples)
-        return _collate(examples)
+            result, skips = future.result()
+            self._stats["records_read"] += len(skips) + (result is not None)
+            for skip in skips:
+                self._stats[f"skipped_{skip.reason}"] += 1
+                if len(self._skipped_keys) < _MAX_LOGGED_KEYS:
+                    self._skipped_keys.append((skip.reason, skip.key))
+            self._stats["substituted"] += bool(skips) and result is not None
+            out.append(result)
+        return out
 
     def get_state(self) -> dict[str, int]:
-        """JSON-able position of the next record; `set_state` resumes exactly there."""
-        return {
-            "epoch": self._epoch,
-            "position": self._position,
-            "seed": self.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-        }
+        """JSON-able position of the next global batch, the same on every host; `set_state`
+        resumes exactly there on any number of hosts."""
+        return {"position": self._start, "seed": self.seed, "num_records": self._num_records}
 
     def set_state(self, state: dict[str, int]) -> None:
-        """Resumes at a state from `get_state` (same seed and host layout required)."""
-        for field in ("seed", "process_index", "process_count"):
-            if field in state and state[field] != getattr(self, field):
-                raise ValueError(
-                    f"state has {field}={state[field]}, iterator {getattr(self, field)}"
-                )
-        for _, _, future in self._pending:
-            future.cancel()
+        """Resumes at a state from `get_state` (same seed and dataset required)."""
+        for field, mine in (("seed", self.seed), ("num_records", self._num_records)):
+            if field in state and state[field] != mine:
+                raise ValueError(f"data state has {field}={state[field]}, this iterator {mine}")
+        if "position" not in state:
+            raise ValueError(
+                f"data state {state} predates global positions (2026-12-03); resume that run "
+                "with the vd_jax version that wrote it"
+            )
+        for future in self._pending:
+            if future is not None:
+                future.cancel()
         self._pending.clear()
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        done = self.num_epochs is not None and self._epoch >= self.num_epochs
-        self._ahead = None if done else (self._epoch, self._position)
+        self._start, self._ahead = int(state["position"]), 0
 
     def stats(self) -> dict[str, Any]:
-        """Counts (records read, examples, skips by reason) and the first skipped keys."""
+        """Counts (records read, examples, skips by reason, substituted slots) and the first
+        skipped keys."""
         return {**self._stats, "skipped_keys": list(self._skipped_keys)}
 
     def close(self) -> None:

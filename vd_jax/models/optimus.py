@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vd_jax.models.bert import BertConfig, BertEncoder
 from vd_jax.models.gpt2 import Cache, GPT2Config, GPT2Decoder
@@ -80,15 +81,40 @@ class OptimusVAE:
             raise ValueError(f"this Optimus VAE was loaded without its {name}")
         return p
 
-    def encode(self, texts: Sequence[str]) -> jax.Array:
-        """Latents (the encoder's mu) [B, latent] of sentences."""
+    @property
+    def encoder_params(self) -> Any:
+        """The encoder half's params (BERT and its latent head)."""
+        return self._half("encoder")
+
+    def tokenize(
+        self, texts: Sequence[str], pad_to: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder (input_ids, attention_mask), int32 [B, L], as the original builds them.
+
+        Args:
+          texts: sentences.
+          pad_to: pad to this length (`optimus_tokenizers.ENCODER_LENGTH` fits every
+            sentence) instead of the batch's longest, for one compiled shape.
+        """
         from vd_jax.processing.optimus_tokenizers import encode_for_optimus
 
-        params = self._half("encoder")
-        ids, mask = encode_for_optimus(self.bert_tokenizer, list(texts), lowercase=self.lowercase)
+        return encode_for_optimus(
+            self.bert_tokenizer, list(texts), lowercase=self.lowercase, pad_to=pad_to
+        )
+
+    def latents(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Latents (the encoder's mu) [B, latent] of tokenized sentences (`tokenize`).
+
+        Pure in its arguments, so it traces: the trainer calls it inside its jitted step with
+        its own (sharded) copy of `encoder_params`.
+        """
         enc = BertEncoder(self.configs[0], dtype=self.dtype)
         mu, _ = enc.apply({"params": params}, ids, mask, method="latent")
         return mu
+
+    def encode(self, texts: Sequence[str]) -> jax.Array:
+        """Latents (the encoder's mu) [B, latent] of sentences."""
+        return self.latents(self.encoder_params, *self.tokenize(texts))
 
     def decode(
         self,

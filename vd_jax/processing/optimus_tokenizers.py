@@ -31,6 +31,9 @@ SPECIAL_TOKENS = {"pad_token": "<PAD>", "bos_token": "<BOS>", "eos_token": "<EOS
 PAD_ID, BOS_ID, EOS_ID = 50257, 50258, 50259
 # The original truncates the BERT tokens of a sentence to this many before [CLS]/[SEP].
 MAX_TOKENS = 77
+# [CLS] + MAX_TOKENS pieces + [SEP]: the longest encoder input, so padding every batch to it
+# gives one shape (what a jitted encode needs) without cutting any sentence.
+ENCODER_LENGTH = MAX_TOKENS + 2
 
 
 def _vocab_dir(directory: str | os.PathLike | None) -> Path:

@@ -1,8 +1,14 @@
 """Checkpoints (orbax) and preemption: what lets a run stop anywhere and continue.
 
 A checkpoint holds the train state (params, optimizer state, EMA, step, rng), restored straight
-into its shardings, and the data iterator's position. A SIGTERM becomes a flag the loop checks
-between steps, so the run saves the current step and returns cleanly.
+into its shardings (orbax reshards it when the mesh or the host count changed), and the data
+iterator's position (one global position, the same on every host: `vd_jax.data.input_pipeline`).
+The workdir may be a local path or any `etils.epath` URL (``gs://bucket/run``).
+
+Preemption: a SIGTERM to any host makes every host save the same step and return cleanly.
+With several processes that is JAX's preemption sync manager (through orbax's
+`reached_preemption`): the notice travels through the coordination service and the hosts
+agree on a step without a collective per step. One process just turns the signal into a flag.
 """
 
 from __future__ import annotations
@@ -14,8 +20,16 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vd_jax.train.trainer import Trainer
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    """The run's directory: a URL as given, a local path made absolute (orbax needs that)."""
+    if "://" in str(workdir):
+        return epath.Path(workdir)
+    return epath.Path(os.path.abspath(workdir))
 
 
 def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
@@ -24,15 +38,42 @@ def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
         max_to_keep=config.keep_checkpoints,
         enable_async_checkpointing=config.async_checkpointing,
     )
+    handlers = {"state": state_handler(), "data": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+        workdir_path(workdir) / "checkpoints", options=options, item_handlers=handlers
     )
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The train state's handler: orbax's standard one (the files `StandardSave` writes, which
+    `StandardRestore` and `init_from` read), without replica-parallel saving in one process.
+
+    Replica-parallel saving splits each shard that several devices hold among them, so that
+    the hosts holding copies each write a part. Every part is cut out by a jitted slice: one
+    compile per shape and device, one dispatch per part. The tiny config's 2,276 arrays on a
+    4x2 mesh (every shard on 4 or 8 devices) blocked the loop ~29 s at a process's first save
+    and ~6 s at later ones, nearly all of it slicing (docs/benchmarks.md). In one process
+    every copy is on the same host, so there is nothing to share out: each shard is written
+    whole, from its first copy. Several processes keep orbax's default for their platform.
+    """
+    arrays = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=None if jax.process_count() > 1 else False,
+        # The per-array metadata file orbax's default handler writes.
+        array_metadata_store=ocp.v1.options.ArrayOptions.Saving().array_metadata_store,
+    )
+    scalars = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalars),
+        (float, scalars),
+        (np.number, scalars),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (jax.Array, arrays),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def save(mngr, step: int, state: dict, data_state: Any, force: bool = False) -> bool:
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-    )
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state))
     with jax.transfer_guard("allow"):  # orbax copies device -> host its own way
         return mngr.save(step, args=args, force=force)
 
@@ -44,7 +85,10 @@ def restore(mngr, trainer: Trainer, step: int) -> tuple[dict, Any]:
         trainer.abstract_state,
         trainer.state_sh,
     )
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    state_args = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+    )
+    args = ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
     try:
         out = mngr.restore(step, args=args)
     except ValueError as e:
@@ -62,25 +106,29 @@ def restore(mngr, trainer: Trainer, step: int) -> tuple[dict, Any]:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (agreed on by all hosts)."""
+    """Whether a preemption notice (SIGTERM) asks the run to save `step` and stop.
 
-    def __init__(self):
-        self.flag = False
+    Call `reached(step)` after every step on every host. Several processes: orbax's
+    `reached_preemption` (JAX's preemption sync manager, which handles SIGTERM itself, agrees
+    on the first step every host can still reach). One process: a SIGTERM handler's flag.
+    """
+
+    def __init__(self, mngr: ocp.CheckpointManager):
+        self.mngr, self.flag, self._old = mngr, False, None
+        if jax.process_count() > 1:
+            return  # a Python handler would replace the sync manager's own
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
-            self._old = None
+            pass
 
     def _handle(self, signum, frame):
         self.flag = True
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self.flag
-        from jax.experimental import multihost_utils
-
-        with jax.transfer_guard("allow"):
-            return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.mngr.reached_preemption(step)
+        return self.flag
 
     def restore(self):
         if self._old is not None:

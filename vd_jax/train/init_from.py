@@ -19,11 +19,11 @@ before anything is read. Optimizer state, step and data position always start fr
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vd_jax.data.encoders import pretrained_models
 
@@ -32,13 +32,11 @@ class InitFromError(ValueError):
     """`init_from` names nothing usable, or weights that do not fit this run's diffuser."""
 
 
-def run_checkpoints(path: str) -> str | None:
+def run_checkpoints(path: str) -> epath.Path | None:
     """The orbax checkpoint folder of a vd_jax run at `path` (its workdir or the folder
-    itself), or None when `path` is not a vd_jax run."""
-    for d in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(d) and any(
-            n.isdigit() and os.path.isdir(os.path.join(d, n, "state")) for n in os.listdir(d)
-        ):
+    itself; local or a URL), or None when `path` is not a vd_jax run."""
+    for d in (epath.Path(path) / "checkpoints", epath.Path(path)):
+        if d.is_dir() and any(n.name.isdigit() and (n / "state").is_dir() for n in d.iterdir()):
             return d
     return None
 
@@ -83,13 +81,13 @@ def _check_shapes(wanted: dict, source: dict, name: str) -> None:
         )
 
 
-def _from_run(ckpt_dir: str, abstract: dict, shardings: dict, prefer_ema: bool) -> dict:
+def _from_run(ckpt_dir: epath.Path, abstract: dict, shardings: dict, prefer_ema: bool) -> dict:
     mngr = ocp.CheckpointManager(ckpt_dir)
     step = mngr.latest_step()
     mngr.close()
     if step is None:
         raise InitFromError(f"init_from={ckpt_dir}: no complete checkpoint")
-    path = os.path.join(ckpt_dir, str(step), "state")
+    path = ckpt_dir / str(step) / "state"
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata
     key = "ema_params" if prefer_ema and tree["ema_params"] else "params"
     wanted = _parts(abstract, tree[key])
@@ -130,7 +128,7 @@ def load(
 ) -> dict:
     """The parts of `abstract` (this run's params, as shapes) that `source` has, placed with
     `shardings`; graft them into the fresh params with `graft`."""
-    if not os.path.isdir(source):
+    if not epath.Path(source).is_dir():
         raise InitFromError(f"init_from={source}: no such folder")
     ckpt_dir = run_checkpoints(source)
     if ckpt_dir is not None:

@@ -2,18 +2,22 @@
 
 `metrics.jsonl` holds one row of scalars per logged step (what tests, the demo and scripts
 read); the event files under `tensorboard/` carry the same scalars plus sample grids, sample
-captions and the run's hyperparameters for TensorBoard. Only process 0 writes.
+captions and the run's hyperparameters for TensorBoard. Only process 0 writes. The workdir may
+be local or an `etils.epath` URL (``gs://...``): object stores cannot append, so there the
+jsonl file is rewritten whole at most every `flush_secs` and on `flush` / `close`.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import struct
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 
 def read_events(path: str) -> list:
@@ -21,8 +25,7 @@ def read_events(path: str) -> list:
     from tensorboardX.proto.event_pb2 import Event
 
     out = []
-    with open(path, "rb") as f:
-        buf = f.read()
+    buf = epath.Path(path).read_bytes()
     i = 0
     while i < len(buf):  # TFRecord framing: length, its CRC, data, its CRC
         (n,) = struct.unpack("<Q", buf[i : i + 8])
@@ -41,27 +44,38 @@ class MetricsWriter:
         after its last checkpoint, so the file reads as one curve after a resume.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        flush_secs: float = 30.0,
+    ):
         self.enabled = enabled
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        root = epath.Path(workdir)
+        self.jsonl_path = root / "metrics.jsonl"
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.jsonl_path):
+        root.mkdir(parents=True, exist_ok=True)
+        self._local = "://" not in str(workdir)
+        self._rows: list[str] = []
+        if self.jsonl_path.exists():
             rows = self.read_jsonl(self.jsonl_path)
-            with open(self.jsonl_path, "w") as f:
-                for r in rows:
-                    if r.get("step", 0) <= resume_step:
-                        f.write(json.dumps(r) + "\n")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-        self._jsonl = open(self.jsonl_path, "a")
+            keep = [r for r in rows if resume_step is None or r.get("step", 0) <= resume_step]
+            self._rows = [json.dumps(r) + "\n" for r in keep]
+            if len(keep) < len(rows):
+                self.jsonl_path.write_text("".join(self._rows))
+        self._flush_secs, self._flushed = flush_secs, time.monotonic()
+        # tensorboardX writes gs:// and s3:// itself (google-cloud-storage / boto).
+        self._tb = SummaryWriter(str(root / "tensorboard"), flush_secs=int(flush_secs))
+        self._jsonl = self.jsonl_path.open("a") if self._local else None
 
     @staticmethod
-    def read_jsonl(path: str) -> list[dict[str, Any]]:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    def read_jsonl(path) -> list[dict[str, Any]]:
+        text = epath.Path(path).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any], jsonl: bool = True) -> None:
         """One row per train step in metrics.jsonl (`jsonl=False`: TensorBoard only)."""
@@ -69,10 +83,19 @@ class MetricsWriter:
             return
         if jsonl:
             row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
+            self._rows.append(json.dumps(row) + "\n")
+            if self._jsonl is not None:
+                self._jsonl.write(self._rows[-1])
+                self._jsonl.flush()
+            elif time.monotonic() - self._flushed > self._flush_secs:
+                self._write_rows()
         for k, v in scalars.items():
             self._tb.add_scalar(k, float(v), int(step))
+
+    def _write_rows(self) -> None:
+        """The whole jsonl file at once (an object store's only way to grow a file)."""
+        self.jsonl_path.write_text("".join(self._rows))
+        self._flushed = time.monotonic()
 
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         """One [H, W, 3] image (uint8, or float in [0, 1]) on the Images dashboard."""
@@ -102,18 +125,33 @@ class MetricsWriter:
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
+            if self._jsonl is None:
+                self._write_rows()
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
-            self._jsonl.close()
+            if self._jsonl is None:
+                self._write_rows()
+            else:
+                self._jsonl.close()
 
 
-def write_loss_curve(jsonl_path: str, png_path: str, key: str = "loss") -> bool:
+def write_png(path, image) -> None:
+    """A PIL image as a PNG at a local path or URL, whole or not at all."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)  # overwrites (a resumed run redraws its curve)
+
+
+def write_loss_curve(jsonl_path, png_path, key: str = "loss") -> bool:
     """Draws `key` and every `key/<flow>` against `step` from metrics.jsonl into a PNG."""
     from PIL import Image, ImageDraw
 
-    if not os.path.exists(jsonl_path):
+    if not epath.Path(jsonl_path).exists():
         return False
     rows = [r for r in MetricsWriter.read_jsonl(jsonl_path) if key in r]
     if len(rows) < 2:
@@ -143,5 +181,5 @@ def write_loss_curve(jsonl_path: str, png_path: str, key: str = "loss") -> bool:
     d.text((5, h - pad - 5), f"{lo:.4g}", fill="black")
     d.text((pad, h - pad + 10), f"{int(s0)}", fill="black")
     d.text((w - pad - 30, h - pad + 10), f"{int(s1)}", fill="black")
-    img.save(png_path)
+    write_png(png_path, img)
     return True

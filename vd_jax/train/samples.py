@@ -7,17 +7,17 @@ grids (image flows) or sentences (text flows) under `workdir/samples`.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vd_jax import flows as vd_flows
 from vd_jax import xla_options
 from vd_jax.models import unet
-from vd_jax.train.metrics import MetricsWriter
+from vd_jax.train.metrics import MetricsWriter, write_png
 
 if TYPE_CHECKING:
     from vd_jax.train.loop import Trainer
@@ -98,7 +98,7 @@ class Sampler:
     def __init__(self, trainer: Trainer, workdir: str, writer: MetricsWriter, first_batch: dict):
         """`first_batch`: the same on every host (host 0's view of the stream's first batch)."""
         self.trainer, self.writer, self.config = trainer, writer, trainer.config
-        self.dir = os.path.join(workdir, "samples")
+        self.dir = epath.Path(workdir) / "samples"
         n = self.config.num_samples
         host = {k: v[:n] for k, v in first_batch.items()}
         self.captions = [str(c) for c in host.get("caption", [])]
@@ -136,13 +136,13 @@ class Sampler:
                                                              self.inputs, rng)))  # fmt: skip
             if not self.writer.enabled:
                 continue
-            os.makedirs(self.dir, exist_ok=True)
-            base = os.path.join(self.dir, f"{flow}_{step:07d}")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            base = f"{flow}_{step:07d}"
             if vd_flows.get(flow).data == "image":
                 grid = image_grid(out)
                 from PIL import Image
 
-                Image.fromarray(grid).save(base + ".png")
+                write_png(self.dir / f"{base}.png", Image.fromarray(grid))
                 self.writer.write_image(step, f"samples/{flow}", grid)
             else:
                 self.writer.write_scalars(
@@ -156,8 +156,7 @@ class Sampler:
                 pairs = [
                     f"{src}\t->\t{line}" for src, line in zip(self.captions, lines, strict=False)
                 ]
-                with open(base + ".txt", "w") as f:
-                    f.writelines(pair + "\n" for pair in pairs)
+                (self.dir / f"{base}.txt").write_text("".join(p + "\n" for p in pairs))
                 if pairs:
                     self.writer.write_text(step, f"samples/{flow}", "\n\n".join(pairs))
 

@@ -13,7 +13,8 @@ The trainer runs one `jax.jit` program over a 2-D mesh `('data', 'fsdp')`:
 
 The first rule whose regex `re.search`es the leaf's '/'-joined path wins; leaves no rule
 matches are replicated. Optimizer-state paths contain the param path, so the same rules
-shard the moments like their params.
+shard the moments like their params. Inside a step, `gather_params` gives the loss whole
+params to compute with, which keeps every activation split by the batch.
 """
 
 from __future__ import annotations
@@ -177,6 +178,47 @@ def tree_shardings(
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def gather_params(params: Any, shardings: Any) -> Any:
+    """`params` whole on every device for the computation, their gradients back in `shardings`.
+
+    Call inside the jitted step on the params a loss is differentiated for: ZeRO-3's "gather
+    before use, reduce-scatter the gradients". Left to itself, XLA's sharding propagation
+    settles a clash between the batch's ('data', 'fsdp') split and a param's 'fsdp' split in
+    favour of the bigger tensor; where a param outweighs the activations it meets (the text
+    branch's [C, C] kernels on [B, C] rows, any kernel at a small batch) the activations end
+    up split by features over 'fsdp', and their batch-split gradients cannot be brought to
+    that layout without replicating them first ("[SPMD] Involuntary full rematerialization").
+    Pinning the params' compute copy to replicated keeps every activation split by the batch.
+
+    Args:
+      params: a pytree of arrays (tracers) stored in `shardings`.
+      shardings: `NamedSharding`s with the structure of `params` (`tree_shardings`).
+
+    Returns:
+      The params, constrained to replicated. The backward pass constrains each gradient to
+      its param's sharding: a plain constraint's transpose would ask for the gradient
+      replicated (all-reduced whole onto every device) and leave the slicing to the update.
+    """
+    return jax.tree_util.tree_map(_gathered, params, shardings)
+
+
+def _gathered(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    whole = NamedSharding(sharding.mesh, P())
+
+    @jax.custom_vjp
+    def gather(x):
+        return jax.lax.with_sharding_constraint(x, whole)
+
+    def fwd(x):
+        return gather(x), None
+
+    def bwd(_, grad):
+        return (jax.lax.with_sharding_constraint(grad, sharding),)
+
+    gather.defvjp(fwd, bwd)
+    return gather(x)
 
 
 def batch_sharding(mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]]) -> NamedSharding:
