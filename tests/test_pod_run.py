@@ -225,10 +225,19 @@ def test_weights_folder_from_a_bucket_is_copied_once(pod, tmp_path, monkeypatch)
     monkeypatch.setenv("VD_JAX_CACHE", str(tmp_path))
     url = f"{pod.data_dir}/captioned_images/noise"
     local = Path(local_folder(url))
-    src = {str(p)[len(url) + 1 :]: p.read_bytes() for p in epath.Path(url).rglob("*")
-           if p.is_file()}  # fmt: skip
+    src = dict(_files(epath.Path(url), ""))
     got = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
            if p.is_file() and p.name != ".complete"}  # fmt: skip
     assert got == src and any(k.endswith("dataset_info.json") for k in got)
     (local / "marker").write_text("kept")
     assert local_folder(url) == str(local) and (local / "marker").exists()  # not copied again
+
+
+def _files(d, prefix: str):
+    """(relative name, bytes) of every file under `d` (gs:// paths have no recursive glob)."""
+    for child in d.iterdir():
+        name = f"{prefix}{child.name}"
+        if child.is_dir():
+            yield from _files(child, name + "/")
+        else:
+            yield name, child.read_bytes()

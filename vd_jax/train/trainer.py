@@ -139,7 +139,20 @@ class Trainer:
             self.flops[flow] = self.device_flops(traced)
             self.compile_s += time.time() - t0
             logging.info("compiled step flow=%s in %.1fs", flow, time.time() - t0)
+            _wait_for_every_host(f"vd_jax_compiled_{flow}")
         return self._compiled[flow](state, self.frozen, batch)
+
+
+def _wait_for_every_host(name: str, timeout_s: int = 3600) -> None:
+    """A coordination-service barrier: hosts that compile at different speeds meet here, not
+    in their first collective, whose CPU (gloo) set-up gives up after 30 s."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def measure_peak_flops(n: int | None = None, reps: int = 10, dtype: str = "float32") -> float:
