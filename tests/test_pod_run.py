@@ -137,15 +137,6 @@ def _data_position(pod, name: str, step: int) -> int:
     return json.loads(path.read_text())["position"]
 
 
-def _copy(src, dst) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for child in src.iterdir():
-        if child.is_dir():
-            _copy(child, dst / child.name)
-        else:
-            (dst / child.name).write_bytes(child.read_bytes())
-
-
 @pytest.fixture(scope="module")
 def reference(pod):
     """The uninterrupted 2-process run."""
@@ -203,9 +194,9 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(pod, reference):
 def test_two_process_checkpoint_resumed_by_one_process(pod, reference):
     from etils import epath
 
-    _copy(
-        epath.Path(f"{pod.bucket}/ref/checkpoints/4"), epath.Path(f"{pod.bucket}/one/checkpoints/4")
-    )
+    from vd_jax.convert.load import copy_tree
+
+    copy_tree(*(epath.Path(f"{pod.bucket}/{run}/checkpoints/4") for run in ("ref", "one")))
     assert _wait(_launch(pod, "one", 1, STEPS)) == [0], _log(pod, "one", 0)[-3000:]
     one = _losses(pod, "one")
     assert sorted(one) == list(range(5, STEPS + 1))  # the same global step

@@ -66,7 +66,7 @@ def local_folder(folder: str | os.PathLike) -> str:
         tmp = root / f"{dest.name}.partial.{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        _copy_tree(src, tmp)
+        copy_tree(src, tmp)
         (tmp / ".complete").write_text(folder)
         if dest.exists():
             shutil.rmtree(dest)
@@ -74,10 +74,11 @@ def local_folder(folder: str | os.PathLike) -> str:
     return os.fspath(dest)
 
 
-def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+def copy_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Copies the folder `src` to `dst`, file by file; either may be a URL."""
     dst.mkdir(parents=True, exist_ok=True)
     for child in src.iterdir():
         if child.is_dir():
-            _copy_tree(child, dst / child.name)
+            copy_tree(child, dst / child.name)
         else:
             (dst / child.name).write_bytes(child.read_bytes())

@@ -43,7 +43,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from vd_jax.data.tfds_builder import LocalBuilder, is_url, upload_tree
+from vd_jax.convert.load import copy_tree
+from vd_jax.data.tfds_builder import LocalBuilder, is_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 REPORT_FILE = "build_report.json"
@@ -354,7 +355,7 @@ def _build(config: CaptionedImagesConfig, data_dir: str, overwrite: bool) -> dic
     if is_url(data_dir):  # array_record writes local files only: build here, then upload
         with tempfile.TemporaryDirectory(prefix="vd_jax_build_") as tmp:
             local = _build(config, tmp, overwrite=True)
-            upload_tree(epath.Path(local["dataset_dir"]), dataset_dir)
+            copy_tree(epath.Path(local["dataset_dir"]), dataset_dir)
         report = {**local, "data_dir": str(data_dir), "dataset_dir": str(dataset_dir)}
         report_path.write_text(json.dumps(report, indent=1))
         return report

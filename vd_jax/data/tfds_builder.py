@@ -3,7 +3,7 @@ their way of writing to a bucket.
 
 array_record *reads* ``gs://`` paths itself, but its writer opens local files only; so data
 files for a URL are written to a local temporary file and then copied up whole
-(`write_array_record`, `upload_tree`).
+(`write_array_record`, `vd_jax.convert.load.copy_tree`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,6 @@ from tensorflow_datasets.core import file_adapters
 
 def is_url(path) -> bool:
     return "://" in os.fspath(path)
-
-
-def upload_tree(src: epath.Path, dst: epath.Path) -> None:
-    """Copies the local folder `src` to `dst` (a URL), file by file."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for child in src.iterdir():
-        if child.is_dir():
-            upload_tree(child, dst / child.name)
-        else:
-            (dst / child.name).write_bytes(child.read_bytes())
 
 
 def write_array_record(path: epath.Path, examples: Iterable) -> None:
