@@ -5,9 +5,13 @@ r"""Sampling Versatile Diffusion in JAX: every flow and VD's editing application
     --config.output_dir=out/t2i
 
 The optional argument picks the flow. `weights` is a diffusers-format folder
-(model_index.json; image flows only) or a folder of the released original files
+(model_index.json; image flows only), a folder of the released original files
 (vd-four-flow-v1-0-fp16.pth or vd-four-flow-v1-0.pth, kl-f8.pth, optimus-vae.pth;
-all flows).
+all flows) or a vd_jax training run's workdir (the flows it trained; its newest
+checkpoint unless `checkpoint_step` is set, its EMA params unless `use_ema=False`):
+
+  python sample.py --config=configs/sample.py:image_to_text --config.weights=runs/demo \
+    --config.image=cat.png
 """
 
 import ml_collections
@@ -17,7 +21,9 @@ from vd_jax.flows import FLOWS  # noqa: F401  (the one flow table: `flow` is one
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.weights = ""  # diffusers-format VD folder, or a folder of the released original files
+    c.weights = ""  # diffusers-format VD folder, the released original files, or a run's workdir
+    c.checkpoint_step = -1  # a run's checkpoint to sample; -1 = its newest complete one
+    c.use_ema = True  # a run's EMA params (its raw params when it kept no EMA, or when False)
     c.flow = arg or "text_to_image"  # one of FLOWS
     c.prompt = ""  # text prompt; several prompts separated by "|"
     c.image = ""  # conditioning image path; several separated by ","

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dual_ratio = 0.5  # image-context share of the dual_context flow
     c.cfg_dropout = 0.1  # per-context probability of the unconditional context
     c.prediction_type = "epsilon"  # VD's; 'v_prediction' trains (and samples) SD 2's v target
+    # Noise schedule fields over VD's (vd_jax.diffusion.schedules.NoiseSchedule); a fine-tune
+    # takes its source's.
+    c.schedule = ml_collections.ConfigDict()
 
     c.optim = ml_collections.ConfigDict(
         dict(

@@ -154,3 +154,60 @@ def test_config_rejects_unknown_budget():
     with pytest.raises(ValueError, match="budget"):
         demo_config.get_config("budget=huge")
     assert attributes_of(0, 0, 1) == {"shape": "circle", "fg": "red", "bg": "green"}
+
+
+@pytest.mark.slow
+def test_demo_workdir_samples_every_flow_through_sample_py(ci_run, tmp_path):
+    """`--config.weights=<demo workdir>`: the run's diffuser with the demo's own encoders, whose
+    contexts and text latents equal the ones the diffuser trained on (<= 1e-5)."""
+    from configs import sample as sample_config
+    from vd_jax.pipelines import VDPipeline, sampling
+
+    config, workdir, _ = ci_run
+    enc = DemoEncoders.load(str(workdir / "encoders"))
+    pipe = VDPipeline.from_pretrained(str(workdir))
+    assert set(pipe.models.flows) >= {"text_to_image", "image_to_text", "text_variation"}
+    captions = ["a red circle on a blue background", "a green square on a white background"]
+    np.testing.assert_allclose(
+        pipe.encode_prompts(captions), enc.text_contexts(captions), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        pipe.encode_text_latents(captions), enc.text_latents(captions), atol=1e-5
+    )
+    held = shapes.load_split(
+        str(next((workdir / "data").rglob("build_report.json")).parent), "heldout"
+    )
+    image = held["image"][0]
+    np.testing.assert_allclose(
+        pipe.encode_images([Image.fromarray(image)]), enc.image_contexts(image[None]), atol=1e-4
+    )
+    Image.fromarray(image).save(tmp_path / "in.png")
+    size = config.data.image_size
+    for flow in FLOWS:
+        cfg = sample_config.get_config(flow)
+        cfg.update(
+            weights=str(workdir), prompt=captions[0], image=str(tmp_path / "in.png"),
+            num_steps=5, output_dir=str(tmp_path / flow), progress=False, text_decoding="greedy",
+        )  # fmt: skip
+        record = sampling.run(cfg)
+        assert "vd (step" in record["weights"]
+        if flow in ("image_to_text", "text_variation"):
+            assert record["texts"] and all(t.strip() for t in record["texts"])
+        else:
+            assert record["image_shape"] == [size, size, 3]
+
+
+def test_demo_export_names_what_each_format_cannot_hold(ci_run, tmp_path):
+    """diffusers: written, with warnings for Optimus and the CLS-only image context; the
+    original files: refused before anything is written (the demo's 16 norm groups)."""
+    from vd_jax.convert.core import CheckpointError
+    from vd_jax.export import export
+
+    _, workdir, _ = ci_run
+    report = export(str(workdir), str(tmp_path / "diffusers"), "diffusers")
+    assert "image_unet/diffusion_pytorch_model.safetensors" in report["files"]
+    assert any("Optimus" in w for w in report["warnings"])
+    assert any("image token" in w or "CLS" in w for w in report["warnings"])
+    with pytest.raises(CheckpointError, match="norm_groups"):
+        export(str(workdir), str(tmp_path / "original"), "original")
+    assert not (tmp_path / "original").exists()

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, manifest, random_state
 from PIL import Image
 
 from configs import sample as sample_config
@@ -20,27 +20,6 @@ from vd_jax.pipelines import sampling
 torch = pytest.importorskip("torch")
 
 
-def _manifest(name):
-    return json.loads((FIXTURES / name).read_text())["keys"]
-
-
-def _random_state(manifest, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, info in manifest.items():
-        dtype = np.dtype(info["dtype"].replace("torch.", ""))
-        shape = tuple(info["shape"])
-        if np.issubdtype(dtype, np.integer):
-            arr = np.zeros(shape, dtype)
-        else:
-            arr = np.asarray(rng.standard_normal(shape) * 0.05, dtype)
-        out[key] = torch.from_numpy(np.array(arr))
-    for key in out:  # GPT-2's output projection is tied to its token embeddings
-        if key.endswith("decoder.lm_head.weight"):
-            out[key] = out[key.replace("lm_head.weight", "transformer.wte.weight")]
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_original(tmp_path_factory):
     """Two folders: the old full file alone, and new fp16 + kl-f8 + optimus-vae + clip/."""
@@ -48,17 +27,15 @@ def tiny_original(tmp_path_factory):
     config = json.loads((FIXTURES / "tiny_config.json").read_text())
     old = root / "old"
     old.mkdir()
-    torch.save(
-        _random_state(_manifest("tiny_four_flow_old.json"), 0), old / "vd-four-flow-v1-0.pth"
-    )
+    torch.save(random_state(manifest("tiny_four_flow_old.json"), 0), old / "vd-four-flow-v1-0.pth")
     new = root / "new"
     new.mkdir()
     torch.save(
-        _random_state(_manifest("tiny_four_flow_new_fp16.json"), 1),
+        random_state(manifest("tiny_four_flow_new_fp16.json"), 1),
         new / "vd-four-flow-v1-0-fp16.pth",
     )
-    torch.save(_random_state(_manifest("tiny_kl_f8.json"), 2), new / "kl-f8.pth")
-    torch.save(_random_state(_manifest("tiny_optimus_vae.json"), 3), new / "optimus-vae.pth")
+    torch.save(random_state(manifest("tiny_kl_f8.json"), 2), new / "kl-f8.pth")
+    torch.save(random_state(manifest("tiny_optimus_vae.json"), 3), new / "optimus-vae.pth")
     # The new file has no CLIP: give a transformers CLIPModel folder, as a user would.
     from transformers import CLIPConfig, CLIPModel
 
@@ -163,7 +140,7 @@ def _shapes_only(manifest, name):
 
 
 def test_full_size_old_manifest_is_fully_accounted_for():
-    from vd_jax.convert import unet as unet_convert
+    from vd_jax.convert import unet_original
     from vd_jax.convert.clip import CLIP_IGNORE, clip_text_rules, clip_vision_rules
     from vd_jax.convert.optimus import optimus_ignore, optimus_rules
     from vd_jax.convert.vae import vae_rules
@@ -172,9 +149,9 @@ def test_full_size_old_manifest_is_fully_accounted_for():
     from vd_jax.models.unet import DiffuserConfig
     from vd_jax.models.vae import VAEConfig
 
-    state = _shapes_only(_manifest("four_flow_old.json"), "four_flow_old.json")
+    state = _shapes_only(manifest("four_flow_old.json"), "four_flow_old.json")
     rules = [
-        unet_convert.original_rules(DiffuserConfig(), "old"),
+        unet_original.original_rules(DiffuserConfig(), "old"),
         vae_rules(VAEConfig(), "ldm", "autokl."),
         optimus_rules(*optimus_configs(None), "optimus."),
         clip_text_rules(CLIPTextConfig(), "clip.model."),

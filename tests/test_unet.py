@@ -19,14 +19,12 @@ from vd_jax.convert.core import (
     read_state_dict,
 )
 from vd_jax.convert.unet import (
-    config_from_original,
     diffuser_config_from_diffusers,
     diffusers_rules,
     load_diffuser,
-    load_original,
-    original_rules,
     text_unet_time_embedding_keys,
 )
+from vd_jax.convert.unet_original import config_from_original, load_original, original_rules
 from vd_jax.models.unet import (
     DiffuserConfig,
     VDDiffuser,

@@ -150,3 +150,43 @@ def load_clip_text(state: StateDict, cfg: CLIPTextConfig, **options: Any) -> dic
 def load_clip_vision(state: StateDict, cfg: CLIPVisionConfig, **options: Any) -> dict[str, Any]:
     """`load_clip_tower` for the vision tower: `CLIPVisionEncoder` params."""
     return load_clip_tower(state, cfg, **options)
+
+
+# --------------------------------------------------------------------------- writing
+
+# transformers' initial `logit_scale`, ln(1 / 0.07): CLIPModel's contrastive temperature,
+# which VD never uses but a CLIPModel file holds.
+LOGIT_SCALE = 2.6592
+
+
+def export_clip_tower(
+    params: Any, cfg: CLIPTextConfig | CLIPVisionConfig, *, prefix: str = "", dtype: Any = None
+) -> dict[str, Any]:
+    """The transformers state dict of one tower's params (`load_clip_tower` inverted)."""
+    if isinstance(cfg, CLIPTextConfig):
+        tower, rules = "text", clip_text_rules(cfg, prefix)
+    else:
+        tower, rules = "vision", clip_vision_rules(cfg, prefix)
+    return core.export_state(rules, params, dtype, what=f"CLIP {tower} tower")
+
+
+def clip_model_config(text: CLIPTextConfig, vision: CLIPVisionConfig) -> dict[str, Any]:
+    """A transformers `CLIPModel` `config.json` dict holding both towers.
+
+    Raises:
+      ValueError: when the towers project to different widths (a CLIPModel has one).
+    """
+    if text.projection_dim != vision.projection_dim:
+        raise ValueError(
+            f"the CLIP towers project to {text.projection_dim} and {vision.projection_dim}; "
+            "a CLIPModel has one projection_dim"
+        )
+    strip = lambda d: {k: v for k, v in d.items() if k != "architectures"}
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "text_config": strip(text.to_hf()),
+        "vision_config": strip(vision.to_hf()),
+        "projection_dim": text.projection_dim,
+        "logit_scale_init_value": LOGIT_SCALE,
+    }

@@ -55,6 +55,16 @@ class VDModels:
     bert_tokenizer: Any = None
     gpt2_tokenizer: Any = None
     optimus_lowercase: bool = True  # the original lower-cases text before its cased BERT
+    # Diffuser text latents = Optimus means x this (1 / their std when a run trained its own
+    # Optimus, as the demo does; VD's released model uses the means as they are).
+    text_latent_scale: float = 1.0
+    # Image-context tokens the diffuser reads: the first N of CLIP's (None: all, VD's;
+    # 1: the CLS token alone, the demo's).
+    image_context_tokens: int | None = None
+    # The unconditional image context the model was trained with, when known ("zeros" for
+    # vd_jax runs); None leaves each flow's default (diffusers' gray image, the app's black).
+    image_uncond: str | None = None
+    source: str = ""  # where the weights came from, for logs and run.json
 
 
 def read_json(path: str) -> dict:

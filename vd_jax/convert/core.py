@@ -404,3 +404,59 @@ def _table_problems(rules: Sequence[Rule], target: Mapping[str, Any]) -> list[st
             ),
         ]
     )
+
+
+# --------------------------------------------------------------------------- writing tables back
+
+
+def _conv_back(w: np.ndarray) -> np.ndarray:  # flax [kh, kw, I, O] -> torch [O, I, kh, kw]
+    return np.transpose(w, (3, 2, 0, 1))
+
+
+def _dense_as_conv1x1(w: np.ndarray) -> np.ndarray:  # [I, O] -> [O, I, 1, 1]
+    return np.transpose(w, (1, 0)).reshape(w.shape[1], w.shape[0], 1, 1)
+
+
+# The inverse of each of `TRANSFORMS`: pure transposes and reshapes, so a round trip is exact.
+INVERSE_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda w: w,
+    "linear": lambda w: np.transpose(w, (1, 0)),
+    "conv": _conv_back,
+    "conv1x1_as_dense": _dense_as_conv1x1,
+}
+
+
+def export_state(
+    rules: Iterable[Rule],
+    params: Mapping[str, Any],
+    dtype: Any = None,
+    *,
+    what: str = "params",
+) -> dict[str, np.ndarray]:
+    """The torch state dict the key table `rules` reads `params` from: `load_params` inverted.
+
+    Args:
+      rules: the component's key table (the same one its loader uses).
+      params: nested or '/'-flat dict of arrays (numpy or jax) holding every `Rule.dst`;
+        params no rule names are left out.
+      dtype: dtype of the returned tensors (default: each param's own).
+      what: names the component in error messages.
+
+    Returns:
+      {torch key: C-contiguous numpy array}, in table order.
+
+    Raises:
+      CheckpointError: naming every param the table needs that `params` lacks.
+    """
+    rules = list(rules)
+    flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else params
+    missing = [r.dst for r in rules if r.dst not in flat]
+    if missing:
+        raise CheckpointError(f"cannot export {what}:\n" + _listing("params missing", missing))
+    out: dict[str, np.ndarray] = {}
+    for r in rules:
+        arr = INVERSE_TRANSFORMS[r.transform](np.asarray(flat[r.dst]))
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        out[r.src] = np.require(arr, requirements="C")  # not ascontiguousarray: keeps 0-d
+    return out

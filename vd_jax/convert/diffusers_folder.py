@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def load_diffusers_folder(
     folder: str | os.PathLike,
-    flows: Sequence[str] = vd_flows.IMAGE_FLOWS,
+    flows: Sequence[str] | None = vd_flows.IMAGE_FLOWS,
     *,
     param_dtype: Any = jnp.float32,
 ) -> VDModels:
@@ -41,19 +41,24 @@ def load_diffusers_folder(
 
     Args:
       folder: the pipeline folder (model_index.json at its top).
-      flows: the flows to prepare; decides which components and parts are read.
+      flows: the flows to prepare; decides which components and parts are read. None:
+        everything the folder holds (the image flows, and every diffuser part, text_unet's
+        text data layers included, as an export needs).
       param_dtype: storage dtype of the returned params.
 
     Returns:
       `VDModels` with numpy params (put them on devices with `jax.device_put`).
     """
     folder = os.fspath(folder)
-    flows = vd_flows.check(flows)
+    everything = flows is None
+    flows = vd_flows.check(vd_flows.IMAGE_FLOWS if everything else flows)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
     needs_text = any(vd_flows.get(f).needs_clip_text for f in flows)
     needs_image = any(vd_flows.get(f).needs_clip_vision for f in flows)
     parts = tuple(sorted(vd_flows.parts(flows)))
+    if everything:
+        parts = tuple(sorted({*parts, "data/text"}))
     index = _read_index(folder, flows, parts, needs_text, needs_image)
     schedule = _read_schedule(folder)
     image_unet_cfg = read_json(os.path.join(folder, "image_unet", "config.json"))
@@ -86,6 +91,21 @@ def load_diffusers_folder(
         read_json(proc)  # a clear error if absent or broken
         models.image_processor = CLIPImageProcessorConfig.from_json_file(proc)
     return models
+
+
+def describe(folder: str) -> tuple[DiffuserConfig, NoiseSchedule, tuple[str, ...], int, int]:
+    """(diffuser config, schedule, flows, latent size, VAE factor) from the configs alone."""
+    index = read_json(os.path.join(folder, "model_index.json"))
+    image_unet_cfg = read_json(os.path.join(folder, "image_unet", "config.json"))
+    vae_config = VAEConfig.from_diffusers(read_json(os.path.join(folder, "vae", "config.json")))
+    latent = int(image_unet_cfg.get("sample_size") or 64)
+    return (
+        _diffuser_config(folder, index, image_unet_cfg),
+        _read_schedule(folder),
+        vd_flows.IMAGE_FLOWS,
+        latent,
+        vae_config.downsampling_factor,
+    )
 
 
 def _component_config(folder: str, component: str) -> dict:

@@ -247,3 +247,52 @@ def load_gpt2(
     )
     _check_tied(state, f"{prefix}transformer.wte.weight", f"{prefix}lm_head.weight")
     return params
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def optimus_config_dict(bert_cfg: BertConfig, gpt2_cfg: GPT2Config) -> dict[str, Any]:
+    """The `{"bert", "gpt2", "latent_size"}` dict `optimus_configs` reads back to these configs."""
+    if bert_cfg.latent_size != gpt2_cfg.latent_size:
+        raise ValueError(
+            f"the encoder's latent_size {bert_cfg.latent_size} differs from the decoder's "
+            f"{gpt2_cfg.latent_size}; Optimus has one latent"
+        )
+    return {"bert": bert_cfg.to_hf(), "gpt2": gpt2_cfg.to_hf(), "latent_size": bert_cfg.latent_size}
+
+
+def causal_mask_buffer(n_positions: int) -> np.ndarray:
+    """GPT-2's `attn.bias` buffer as the original file holds it: float32 [1, 1, n, n] tril."""
+    return np.tril(np.ones((n_positions, n_positions), np.float32)).reshape(
+        1, 1, n_positions, n_positions
+    )
+
+
+def export_optimus(
+    params: Any, bert_cfg: BertConfig, gpt2_cfg: GPT2Config, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """The `optimus-vae.pth` state dict of `{"encoder": ..., "decoder": ...}` params (float32).
+
+    Besides the learned tensors it holds what the original file holds: each layer's causal
+    mask buffer (before that layer's `c_attn`) and `decoder.lm_head.weight`, the very
+    array of `decoder.transformer.wte.weight` (tied, so a writer can store it once).
+
+    Raises:
+      CheckpointError: naming every param the table needs that `params` lacks.
+    """
+    rules = optimus_rules(bert_cfg, gpt2_cfg, prefix)
+    learned = core.export_state(rules, params, np.float32, what="Optimus text VAE")
+    mask = causal_mask_buffer(gpt2_cfg.n_positions)
+    layer = re.compile(
+        re.escape(f"{prefix}decoder.transformer.h.") + r"(\d+)\.attn\.c_attn\.weight"
+    )
+    state: dict[str, np.ndarray] = {}
+    for key, value in learned.items():
+        m = layer.fullmatch(key)
+        if m:  # every layer gets its own buffer, as torch saves them
+            state[f"{prefix}decoder.transformer.h.{m.group(1)}.attn.bias"] = mask.copy()
+        state[key] = value
+    wte = state[f"{prefix}decoder.transformer.wte.weight"]
+    state[f"{prefix}decoder.lm_head.weight"] = wte
+    return state

@@ -31,8 +31,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from vd_jax import flows as vd_flows
-from vd_jax.convert import core
-from vd_jax.convert import unet as unet_convert
+from vd_jax.convert import core, unet_original
 from vd_jax.convert.clip import CLIP_IGNORE, clip_text_rules, clip_vision_rules
 from vd_jax.convert.components import VDModels, add_clip_tower, component_state_dict, read_json
 from vd_jax.convert.core import CheckpointError
@@ -41,7 +40,7 @@ from vd_jax.convert.vae import load_vae, vae_rules
 from vd_jax.diffusion.schedules import NoiseSchedule
 from vd_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from vd_jax.models.optimus import optimus_configs
-from vd_jax.models.unet import DiffuserConfig
+from vd_jax.models.unet import ALL_PARTS, DiffuserConfig
 from vd_jax.models.vae import VAEConfig
 from vd_jax.processing.images import CLIPImageProcessorConfig
 
@@ -94,7 +93,9 @@ def _configs(folder: str) -> dict[str, Any]:
         clip = cfg.get("ctx (CLIP)", {})
         vae_config = VAEConfig.from_ldm(vae, vae.get("embed_dim", vae["z_channels"]))
         return dict(
-            diffuser=unet_convert.config_from_original(cfg["diffuser.image"], cfg["diffuser.text"]),
+            diffuser=unet_original.config_from_original(
+                cfg["diffuser.image"], cfg["diffuser.text"]
+            ),
             vae=vae_config,
             optimus=optimus_configs(cfg.get("vae.text")),
             clip_text=CLIPTextConfig.from_hf(clip.get("text", {})),
@@ -107,6 +108,14 @@ def _configs(folder: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot read the model sizes ({type(e).__name__}: {e})"
         ) from None
+
+
+def describe(folder: str) -> tuple[DiffuserConfig, NoiseSchedule, tuple[str, ...], int, int]:
+    """(diffuser config, schedule, flows, latent size, VAE factor) from the configs alone."""
+    c = _configs(folder)
+    has_optimus = bool(_first(folder, OPTIMUS_FILES) or _first(folder, OLD_FILES))
+    flows = vd_flows.TRAINABLE if has_optimus else vd_flows.IMAGE_FLOWS
+    return c["diffuser"], NoiseSchedule(), flows, c["latent_size"], c["vae"].downsampling_factor
 
 
 def _check_accounted(
@@ -140,7 +149,7 @@ def _optimus_halves(state, prefix, bert_cfg, gpt2_cfg, halves, param_dtype) -> d
 
 def load_original_folder(
     folder: str | os.PathLike,
-    flows: Sequence[str],
+    flows: Sequence[str] | None,
     *,
     param_dtype: Any = jnp.float32,
     clip_dir: str | None = None,
@@ -150,17 +159,23 @@ def load_original_folder(
 
     Args:
       folder: holds the released files (see the module docstring).
-      flows: the flows to prepare (decides which files and parts are read).
+      flows: the flows to prepare (decides which files and parts are read). None: everything
+        the folder holds (every diffuser part, CLIP, both Optimus halves when it has Optimus).
       param_dtype: storage dtype of the returned params (the fp16 file is upcast).
       clip_dir: a transformers CLIPModel folder (default: folder/clip if present).
       optimus_halves: Optimus halves ('encoder' / 'decoder') to load besides the flows'.
     """
     folder = os.fspath(folder)
+    everything = flows is None
+    if everything:
+        has_optimus = bool(_first(folder, OPTIMUS_FILES) or _first(folder, OLD_FILES))
+        flows = vd_flows.TRAINABLE if has_optimus else vd_flows.IMAGE_FLOWS
+        optimus_halves = ("encoder", "decoder") if has_optimus else ()
     flows = vd_flows.check(flows)
     c = _configs(folder)
     needs = [vd_flows.get(f) for f in flows]
     old = _read_old_file(folder, c)
-    parts = tuple(sorted(vd_flows.parts(flows)))
+    parts = tuple(sorted(ALL_PARTS if everything else vd_flows.parts(flows)))
     diffuser_params = _load_diffuser(folder, old, c["diffuser"], parts, param_dtype)
     vae_params = _load_image_vae(folder, old, c["vae"], param_dtype)
     models = VDModels(
@@ -193,7 +208,7 @@ def _read_old_file(folder: str, c: dict[str, Any]) -> core.StateDict | None:
     _check_accounted(
         old,
         [
-            unet_convert.original_rules(c["diffuser"], "old"),
+            unet_original.original_rules(c["diffuser"], "old"),
             vae_rules(c["vae"], "ldm", "autokl."),
             optimus_rules(*c["optimus"], "optimus."),
             clip_text_rules(c["clip_text"], "clip.model."),
@@ -220,12 +235,12 @@ def _load_diffuser(
     new_path = _first(folder, NEW_FILES)
     if new_path:
         state, layout = core.read_state_dict(new_path), "new"
-        _check_accounted(state, [unet_convert.original_rules(config, "new")], [_SCHEDULE_BUFFERS])
+        _check_accounted(state, [unet_original.original_rules(config, "new")], [_SCHEDULE_BUFFERS])
     elif old is not None:
         state, layout = old, "old"
     else:
         raise CheckpointError(f"{folder}: no diffuser weights ({NEW_FILES[0]} or {OLD_FILES[0]})")
-    return unet_convert.load_original(state, config, layout, parts=parts, param_dtype=param_dtype)
+    return unet_original.load_original(state, config, layout, parts=parts, param_dtype=param_dtype)
 
 
 def _load_image_vae(

@@ -1,20 +1,17 @@
-"""Random Versatile Diffusion pipelines in diffusers format ("tiny" and "small"), built with
+"""Random Versatile Diffusion pipelines in diffusers format ("tiny" and "small") built with
 diffusers/transformers, and diffusers' reference flow pipelines on the same weights.
 
-For tests, benchmarks and trying the sampler without the released weights. Needs the
-`torch` extra. Every weight is perturbed with noise after construction: diffusers
-zero-inits output convs and attention projections, and zeros would hide routing,
-transpose and scaling bugs.
-
-  python -m vd_jax.tiny_folder OUT_DIR [tiny|small]
+For the parity tests and benchmarks, which compare vd_jax with diffusers on the same random
+weights; needs the `torch` extra. Every weight is perturbed with noise after construction:
+diffusers zero-inits output convs and attention projections, and zeros would hide routing,
+transpose and scaling bugs. `python -m vd_jax.tiny_folder` writes the same kind of folder
+without PyTorch (vd_jax/tiny_folder.py), with the configs of `preset_configs`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
-import sys
 
 import numpy as np
 from PIL import Image
@@ -51,6 +48,54 @@ SIZES = {
 }
 
 
+def _tower_sizes(z: dict) -> dict:
+    """The sizes both CLIP towers share (transformers' field names)."""
+    return dict(
+        hidden_size=z["clip_hidden"],
+        intermediate_size=37 + z["clip_hidden"],
+        num_hidden_layers=z["clip_layers"],
+        num_attention_heads=4,
+        projection_dim=z["ctx"],
+        hidden_act="quick_gelu",
+    )
+
+
+def preset_configs(size: str) -> dict:
+    """vd_jax's configs of the models `build_components` builds for the preset `size`."""
+    from vd_jax.diffusion.schedules import NoiseSchedule
+    from vd_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+    from vd_jax.models.unet import DiffuserConfig
+    from vd_jax.models.vae import VAEConfig
+    from vd_jax.processing.images import CLIPImageProcessorConfig
+
+    z = SIZES[size]
+    ch, vae_ch = z["unet_channels"], z["vae_channels"]
+    tower = _tower_sizes(z)
+    return dict(
+        diffuser=DiffuserConfig(
+            model_channels=ch[0],
+            channel_mult=tuple(c // ch[0] for c in ch),
+            num_res_blocks=2,
+            attention_levels=(True,) * (len(ch) - 1) + (False,),
+            num_heads=z["heads"],
+            context_dim=z["ctx"],
+            text_dim=z["text_dim"],
+            norm_groups=z["groups"],
+        ),
+        vae=VAEConfig(
+            block_out_channels=vae_ch,
+            layers_per_block=1,
+            norm_num_groups=min(z["groups"], 16),
+            sample_size=z["latent"] * 2 ** (len(vae_ch) - 1),
+        ),
+        text=CLIPTextConfig(eos_token_id=49407, **tower),  # transformers' current default
+        vision=CLIPVisionConfig(image_size=32, patch_size=2, **tower),
+        image_processor=CLIPImageProcessorConfig(size=32, crop_size=(32, 32)),
+        schedule=NoiseSchedule(),  # = _image_processor_and_scheduler's DDIMScheduler
+        latent=z["latent"],
+    )
+
+
 def _perturb(module, seed: int, scale: float = 0.05) -> None:
     import torch
 
@@ -69,14 +114,7 @@ def _clip_towers(z: dict) -> tuple:
         CLIPVisionModelWithProjection,
     )
 
-    tower = dict(
-        hidden_size=z["clip_hidden"],
-        intermediate_size=37 + z["clip_hidden"],
-        num_hidden_layers=z["clip_layers"],
-        num_attention_heads=4,
-        projection_dim=z["ctx"],
-        hidden_act="quick_gelu",
-    )
+    tower = _tower_sizes(z)
     text = CLIPTextModelWithProjection(
         CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **tower)
     ).eval()
@@ -240,18 +278,3 @@ def sample_picture(seed: int = 0, size: tuple[int, int] = (40, 52)) -> Image.Ima
     base = np.stack([np.sin(6 * xx + rng.uniform(0, 3)), np.cos(5 * yy), xx * yy], -1)
     arr = (base - base.min()) / (np.ptp(base) + 1e-9)
     return Image.fromarray((arr * 255).astype(np.uint8))
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in SIZES):
-        raise SystemExit(f"usage: python -m vd_jax.tiny_folder OUT_DIR [{'|'.join(SIZES)}]")
-    out = argv[1]
-    size = argv[2] if len(argv) == 3 else "tiny"
-    save_folder(build_components(out + "_build", size=size), out)
-    shutil.rmtree(out + "_build", ignore_errors=True)
-    sample_picture().save(os.path.join(out, "example.png"))
-    print(f"wrote a random {size} VD pipeline to {out}")
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -172,6 +172,69 @@ def diffuser_config_from_diffusers(
     return DiffuserConfig(**fields)
 
 
+def diffusers_configs(config: DiffuserConfig, sample_size: int | None = None) -> tuple[dict, dict]:
+    """The `image_unet/config.json` and `text_unet/config.json` dicts of `config`.
+
+    The inverse of `diffuser_config_from_diffusers`: reading the two dicts back gives
+    `config` again (up to `attention`, which says how to compute, not what).
+
+    Args:
+      config: the diffuser's sizes.
+      sample_size: the image U-Net's default latent size (None leaves diffusers' unset).
+
+    Raises:
+      ValueError: for a text U-Net whose second dim is not 4 (diffusers hard-wires 4).
+    """
+    if config.text_second_dim != 4:
+        raise ValueError(
+            f"text_second_dim={config.text_second_dim}: diffusers' flat U-Net hard-wires 4"
+        )
+    shared = {
+        **_FIXED,
+        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks,
+        # diffusers reads a VD/SD-v1 attention_head_dim as the number of heads.
+        "attention_head_dim": config.num_heads,
+        "cross_attention_dim": config.context_dim,
+        "transformer_layers_per_block": config.transformer_depth,
+        "norm_num_groups": config.norm_groups,
+        "norm_eps": config.norm_eps,
+        "flip_sin_to_cos": config.flip_sin_to_cos,
+        "freq_shift": config.freq_shift,
+        "dropout": 0.0,
+        "upcast_attention": False,
+        "mid_block_only_cross_attention": None,
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": None,
+        "projection_class_embeddings_input_dim": None,
+    }
+    configs = []
+    for flat in (False, True):
+        suffix = "Flat" if flat else "2D"
+        down = [
+            f"CrossAttnDownBlock{suffix}" if a else f"DownBlock{suffix}"
+            for a in config.attention_levels
+        ]
+        up = [
+            f"CrossAttnUpBlock{suffix}" if a else f"UpBlock{suffix}"
+            for a in reversed(config.attention_levels)
+        ]
+        text_shape = [config.text_dim, 1, 1]
+        configs.append(
+            {
+                "_class_name": "UNetFlatConditionModel" if flat else "UNet2DConditionModel",
+                **shared,
+                "down_block_types": down,
+                "up_block_types": up,
+                "mid_block_type": f"UNetMidBlock{suffix}CrossAttn",
+                "in_channels": text_shape if flat else config.image_in_channels,
+                "out_channels": text_shape if flat else config.image_out_channels,
+                "sample_size": None if flat else sample_size,
+            }
+        )
+    return configs[0], configs[1]
+
+
 # --------------------------------------------------------------------------- module names
 
 
@@ -335,170 +398,4 @@ def load_diffuser(
     ignore = set(text_unet_time_embedding_keys(config))
     return load_params_for_parts(
         state, config, diffusers_rules, parts, param_dtype, ignore, "VD diffuser (diffusers)"
-    )
-
-
-# --------------------------------------------------------------------------- original checkpoints
-
-ORIGINAL_PREFIXES = {"new": "diffuser.", "old": "model.diffusion_model."}
-
-
-def config_from_original(image: dict, text: dict) -> DiffuserConfig:
-    """A `DiffuserConfig` from the original repo's `openai_unet_2d_v1` / `openai_unet_0d_v1` args.
-
-    Raises:
-      ValueError: naming the field the two diffusers disagree on.
-    """
-    mult = tuple(image["channel_mult"])
-    attn = tuple(2**level in image["attention_resolutions"] for level in range(len(mult)))
-    pairs = {
-        "model_channels": (image["model_channels"], text["model_channels"]),
-        "channel_mult": (mult, tuple(text["channel_mult"])),
-        "attention_levels": (attn, tuple(bool(a) for a in text["with_attn"])),
-        "num_res_blocks": (image["num_res_blocks"], text["num_noattn_blocks"]),
-        "num_heads": (image["num_heads"], text["num_heads"]),
-        "context_dim": (image["context_dim"], text["context_dim"]),
-    }
-    fields: dict[str, Any] = {}
-    for key, (a, b) in pairs.items():
-        if a != b:
-            raise ValueError(f"diffuser.image and diffuser.text disagree on {key!r}: {a} vs {b}")
-        fields[key] = a
-    blocks = fields["num_res_blocks"]
-    if isinstance(blocks, (list, tuple)):
-        if len(set(blocks)) != 1:
-            raise ValueError(f"num_res_blocks={blocks!r} differs between levels; VD's is uniform")
-        fields["num_res_blocks"] = blocks[0]
-    if text["input_channels"] != text["output_channels"] or len(set(text["second_dim"])) != 1:
-        raise ValueError("text diffuser: input/output_channels differ or second_dim is not uniform")
-    return DiffuserConfig(
-        **fields,
-        image_in_channels=image["in_channels"],
-        image_out_channels=image["out_channels"],
-        text_dim=text["input_channels"],
-        text_second_dim=text["second_dim"][0],
-    )
-
-
-def _original_names(config: DiffuserConfig, layout: str) -> tuple[list[str], list[str]]:
-    """Module names (inside one branch) of the data and context blocks, in VD's order."""
-    steps = layer_plan.data_steps(config)
-    if layout == "new":
-        data = [f"data_blocks.{s.index}.0" for s in steps]
-        return data, [
-            f"context_blocks.{j}.0" for j in range(len(layer_plan.context_widths(config)))
-        ]
-    if layout != "old":
-        raise ValueError(f"layout must be 'new' or 'old', got {layout!r}")
-    # The old (SD-style) layout groups a ResBlock, its attention and a following resampler
-    # in one input_blocks / output_blocks entry.
-    data, ctx = ["input_blocks.0.0"], []
-    block = 0
-    for level, has_attn in enumerate(config.attention_levels):
-        for _ in range(config.num_res_blocks):
-            block += 1
-            data.append(f"input_blocks.{block}.0")
-            if has_attn:
-                ctx.append(f"input_blocks.{block}.1")
-        if level != config.num_levels - 1:
-            block += 1
-            data.append(f"input_blocks.{block}.0")
-    data += ["middle_block.0", "middle_block.2"]
-    ctx.append("middle_block.1")
-    block = 0
-    for level in reversed(range(config.num_levels)):
-        has_attn = config.attention_levels[level]
-        for _ in range(config.num_res_blocks + 1):
-            data.append(f"output_blocks.{block}.0")
-            if has_attn:
-                ctx.append(f"output_blocks.{block}.1")
-            block += 1
-        if level != 0:
-            data.append(f"output_blocks.{block - 1}.{2 if has_attn else 1}")
-    data.append("out")
-    return data, ctx
-
-
-def original_rules(
-    config: DiffuserConfig, layout: str = "new", parts: Sequence[str] | None = None
-) -> list[Rule]:
-    """The key table for SHI-Labs' released checkpoints ('new' or deprecated 'old' naming).
-
-    Args:
-      config: the diffuser's sizes (`config_from_original` for the repo's yaml args).
-      layout: 'new' (`diffuser.{image,text}.{data,context}_blocks.*`, the Feb-2023 fp16
-        file) or 'old' (`model.diffusion_model.{time_embed,unet_image,unet_text}.*`).
-      parts: param parts to map (default all).
-    """
-    parts = normalize_parts(parts)
-    data_names, ctx_names = _original_names(config, layout)  # validates `layout`
-    root = ORIGINAL_PREFIXES[layout]
-    branch = {t: f"{root}{t}." if layout == "new" else f"{root}unet_{t}." for t in unet_model.TYPES}
-    rules: list[Rule] = []
-    if "global" in parts:
-        time = f"{root}image.time_embed" if layout == "new" else f"{root}time_embed"
-        rules += linear(f"{time}.0", "global/linear_1") + linear(f"{time}.2", "global/linear_2")
-    for xtype in unet_model.TYPES:
-        if f"data/{xtype}" in parts:
-            steps = layer_plan.data_steps(config)
-            for name, step in zip(data_names, steps, strict=True):
-                rules += _original_data_rules(
-                    branch[xtype] + name, f"data/{xtype}/blocks_{step.index}", step, xtype
-                )
-        if f"context/{xtype}" in parts:
-            for j, name in enumerate(ctx_names):
-                rules += transformer_rules(
-                    branch[xtype] + name, f"context/{xtype}/blocks_{j}", config.transformer_depth
-                )
-    return rules
-
-
-def _original_data_rules(src: str, dst: str, step: Any, xtype: str) -> list[Rule]:
-    weight = conv if xtype == "image" else conv1x1_as_dense
-    if step.kind == "res":  # ResBlock / FCBlock_MultiDim: same Sequential indices in both
-        rules = norm(f"{src}.in_layers.0", f"{dst}/norm1") + weight(
-            f"{src}.in_layers.2", f"{dst}/conv1"
-        )
-        rules += linear(f"{src}.emb_layers.1", f"{dst}/time_emb_proj")
-        rules += norm(f"{src}.out_layers.0", f"{dst}/norm2") + weight(
-            f"{src}.out_layers.3", f"{dst}/conv2"
-        )
-        if step.in_ch != step.out_ch:
-            rules += weight(f"{src}.skip_connection", f"{dst}/conv_shortcut")
-        return rules
-    if step.kind == "out":  # Sequential(GroupNorm, SiLU, conv / Linear)
-        last = conv if xtype == "image" else linear
-        return norm(f"{src}.0", f"{dst}/norm") + last(
-            f"{src}.2", f"{dst}/conv" if xtype == "image" else f"{dst}/linear"
-        )
-    if xtype == "text":  # Linear_MultiDim: the in-projection and the square "resamplers"
-        return linear(src, f"{dst}/linear")
-    suffix = {"in": "", "down": ".op", "up": ".conv"}[step.kind]
-    return conv(src + suffix, f"{dst}/conv")
-
-
-def load_original(
-    state: StateDict,
-    config: DiffuserConfig,
-    layout: str = "new",
-    parts: Sequence[str] | None = None,
-    param_dtype: Any = jnp.float32,
-) -> dict[str, Any]:
-    """`VDDiffuser` params from an original VD checkpoint (new or old key naming).
-
-    Only keys under the diffuser's prefix (`diffuser.` / `model.diffusion_model.`) are
-    considered; VAE, CLIP, Optimus and schedule-buffer keys of the old full file are left
-    to their own loaders. Within the diffuser, any missing, unexpected or mis-shaped key
-    raises `CheckpointError`.
-    """
-    prefix = ORIGINAL_PREFIXES[layout]
-    others = {k for k in state if not k.startswith(prefix)}
-    return load_params_for_parts(
-        state,
-        config,
-        lambda cfg, p: original_rules(cfg, layout, p),
-        parts,
-        param_dtype,
-        others,
-        f"VD diffuser ({layout} original layout)",
     )

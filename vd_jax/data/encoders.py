@@ -80,6 +80,8 @@ class FrozenEncoders:
     # Keep only the first N image-context tokens when encoding in the step (None: all; 1: the
     # CLS token alone, the demo's setting, see vd_jax/demo/encoders.py).
     image_context_tokens: int | None = None
+    # Text latents = Optimus means x this (a source that trained its own Optimus, the demo's).
+    text_latent_scale: float = 1.0
 
     @property
     def text_latents_in_step(self) -> bool:
@@ -153,7 +155,8 @@ class FrozenEncoders:
                 )
             elif k == "text_latent":
                 ids, mask = batch["optimus_ids"], batch["optimus_mask"]
-                inputs[k] = self.text_vae.latents(frozen["optimus"], ids, mask)
+                latents = self.text_vae.latents(frozen["optimus"], ids, mask)
+                inputs[k] = latents * self.text_latent_scale
         inputs = jax.lax.stop_gradient(inputs)
         uncond = {"text": frozen["uncond_text"], "image": frozen["uncond_image"]}
         return inputs, jax.lax.stop_gradient(uncond)
@@ -194,6 +197,8 @@ def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...], optimus
     e = config.encoders
     m = pretrained_models(e.folder, tuple(flows))
     enc.vae, enc.params["vae"] = AutoencoderKL(m.vae_config), m.vae_params
+    # A vd_jax run's own encoders (the demo's) may read fewer image tokens, scale text latents.
+    enc.image_context_tokens, enc.text_latent_scale = m.image_context_tokens, m.text_latent_scale
     if m.text_config is not None:
         enc.clip_text, enc.tokenizer = CLIPTextEncoder(m.text_config), m.tokenizer
         enc.params["clip_text"] = m.text_params
@@ -240,7 +245,7 @@ def _add_unconditional(enc: FrozenEncoders, config) -> None:
     text_len = 77 if e.on_the_fly else e.text_context_len
     image_len = e.image_context_len
     if e.on_the_fly and enc.clip_vision is not None:
-        image_len = enc.clip_vision.config.num_patches + 1
+        image_len = enc.image_context_tokens or enc.clip_vision.config.num_patches + 1
     if enc.clip_text is not None:
         ids = jnp.asarray(enc.tokenize([""]))
         ctx = enc.clip_text.apply({"params": enc.params["clip_text"]}, ids, method="context")

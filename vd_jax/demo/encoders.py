@@ -1,42 +1,35 @@
 """The demo's frozen encoders on disk, and as the trainer's `FrozenEncoders`.
 
 After pre-training (`vd_jax.demo.pretrain`) the image VAE, the Optimus text VAE and the CLIP
-towers are saved in one folder: `encoders.json` (every config, the text latent scale and the
-caption token length) and one msgpack file of params per model (flax serialization: plain
-arrays, nothing executable). `frozen_encoders(folder, ...)` turns the folder back into the
-`FrozenEncoders` the VD trainer keeps out of its optimizer (`encoders.source = "demo"`).
+towers are saved in one folder in `vd_jax.convert.encoders_folder`'s format (`encoders.json`
+and one msgpack file of params per model), which sampling and export also read.
+`frozen_encoders(folder, ...)` turns the folder back into the `FrozenEncoders` the VD trainer
+keeps out of its optimizer (`encoders.source = "demo"`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vd_jax import xla_options
+from vd_jax.convert.encoders_folder import (
+    IMAGE_CONTEXTS,
+    INFO_FILE,
+    EncodersFolder,
+    is_encoders_folder,
+    read_encoders_folder,
+    write_encoders_folder,
+)
 from vd_jax.models.bert import BertConfig
 from vd_jax.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
 from vd_jax.models.gpt2 import GPT2Config
 from vd_jax.models.vae import AutoencoderKL, VAEConfig
-
-INFO_FILE = "encoders.json"
-_CONFIGS = {
-    "vae": VAEConfig,
-    "bert": BertConfig,
-    "gpt2": GPT2Config,
-    "clip_text": CLIPTextConfig,
-    "clip_vision": CLIPVisionConfig,
-}
-_PARAMS = ("vae", "optimus", "clip")
-IMAGE_CONTEXTS = ("all", "cls")
 
 
 def check_image_context(value: str) -> None:
@@ -159,62 +152,45 @@ class DemoEncoders:
     # ------------------------------------------------------------------ files
 
     def save(self, folder: str) -> None:
-        """Writes the folder atomically (a temporary sibling renamed into place)."""
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".encoders_tmp")
-        info = {
-            "configs": {
-                "vae": dataclasses.asdict(self.vae_config),
-                "bert": dataclasses.asdict(self.bert),
-                "gpt2": dataclasses.asdict(self.gpt2),
-                "clip_text": dataclasses.asdict(self.clip_text_config),
-                "clip_vision": dataclasses.asdict(self.clip_vision_config),
-            },
-            "text_scale": self.text_scale,
-            "text_length": self.text_length,
-            "image_context": self.image_context,
-            "metrics": self.metrics,
-        }
-        with open(os.path.join(tmp, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=1)
-        for name, tree in (("vae", self.vae), ("optimus", self.optimus), ("clip", self.clip)):
-            with open(os.path.join(tmp, f"{name}.msgpack"), "wb") as f:
-                f.write(flax.serialization.msgpack_serialize(jax.device_get(tree)))
-        if os.path.exists(folder):
-            os.rename(folder, tmp + ".old")
-        os.rename(tmp, folder)
+        """Writes the folder whole (vd_jax.convert.encoders_folder, which sampling reads)."""
+        write_encoders_folder(
+            folder,
+            EncodersFolder(
+                configs={
+                    "vae": self.vae_config,
+                    "bert": self.bert,
+                    "gpt2": self.gpt2,
+                    "clip_text": self.clip_text_config,
+                    "clip_vision": self.clip_vision_config,
+                },
+                params={"vae": self.vae, "optimus": self.optimus, "clip": self.clip},
+                text_scale=self.text_scale,
+                text_length=self.text_length,
+                image_context=self.image_context,
+                metrics=self.metrics,
+            ),
+        )
 
     @classmethod
     def load(cls, folder: str) -> DemoEncoders:
-        path = os.path.join(folder, INFO_FILE)
-        if not os.path.isfile(path):
+        if not is_encoders_folder(folder):
             raise FileNotFoundError(f"{folder} holds no demo encoders ({INFO_FILE} is missing)")
-        with open(path) as f:
-            info = json.load(f)
-        cfg = {k: _config(c, info["configs"][k]) for k, c in _CONFIGS.items()}
-        params = {}
-        for name in _PARAMS:
-            with open(os.path.join(folder, f"{name}.msgpack"), "rb") as f:
-                params[name] = flax.serialization.msgpack_restore(f.read())
+        enc = read_encoders_folder(folder)
+        cfg = enc.configs
         return cls(
             vae_config=cfg["vae"],
-            vae=params["vae"],
+            vae=enc.params["vae"],
             bert=cfg["bert"],
             gpt2=cfg["gpt2"],
-            optimus=params["optimus"],
+            optimus=enc.params["optimus"],
             clip_text_config=cfg["clip_text"],
             clip_vision_config=cfg["clip_vision"],
-            clip=params["clip"],
-            text_scale=float(info["text_scale"]),
-            text_length=int(info["text_length"]),
-            image_context=info.get("image_context", "all"),
-            metrics=info.get("metrics", {}),
+            clip=enc.params["clip"],
+            text_scale=enc.text_scale,
+            text_length=enc.text_length,
+            image_context=enc.image_context,
+            metrics=enc.metrics,
         )
-
-
-def _config(cls, d: dict):
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class DemoTextVAE:

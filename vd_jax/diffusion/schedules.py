@@ -75,6 +75,19 @@ class NoiseSchedule:
         with open(path) as f:
             return cls.from_scheduler_config(json.load(f))
 
+    def to_scheduler_config(self) -> dict[str, Any]:
+        """A diffusers `DDIMScheduler` `scheduler_config.json` dict of this schedule.
+
+        Every field is written (none left to diffusers' defaults, which are not VD's), so
+        `from_scheduler_config` reads it back to this schedule.
+        """
+        d = dataclasses.asdict(self)
+        if self.trained_betas is not None:
+            d["trained_betas"] = list(self.trained_betas)
+        # diffusers' thresholding settings; thresholding is off, so its knobs are inert.
+        extras = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+        return {"_class_name": "DDIMScheduler", **d, **extras}
+
     # ------------------------------------------------------------------ tables (numpy, host side)
 
     def betas(self) -> np.ndarray:

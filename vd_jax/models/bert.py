@@ -93,6 +93,15 @@ class BertConfig:
             raise ValueError("only absolute position embeddings are supported")
         return cls(**kw)
 
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` dict (with Optimus' `latent_size`); `from_hf` reads
+        it back to this config."""
+        return {
+            "architectures": ["BertForMaskedLM"],
+            "model_type": "bert",
+            **dataclasses.asdict(self),
+        }
+
 
 class _BertModule(DtypesMixin, nn.Module):
     """A part of BERT: its sizes, compute dtype and parameter storage dtype."""

@@ -85,6 +85,16 @@ class _TowerConfig:
         """The tower's dict with values transformers accepts in other forms made plain."""
         return sub
 
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` dict of the tower with its projection
+        (`CLIP{Text,Vision}ModelWithProjection`); `from_hf` reads it back to this config."""
+        name = self._TOWER.capitalize()
+        return {
+            "architectures": [f"CLIP{name}ModelWithProjection"],
+            "model_type": f"clip_{self._TOWER}_model",
+            **dataclasses.asdict(self),
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig(_TowerConfig):

@@ -81,6 +81,15 @@ class GPT2Config:
                 raise ValueError(f"GPT-2 configs with {flag}={d[flag]} are not supported")
         return cls(**kw)
 
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` dict (with Optimus' `latent_size`); `from_hf` reads
+        it back to this config."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            **dataclasses.asdict(self),
+        }
+
 
 class _Attention(nn.Module):
     config: GPT2Config

@@ -149,3 +149,28 @@ class OptimusVAE:
         else:
             raise ValueError(f"text decoding method {method!r}: sample | greedy | beam")
         return td.decode_texts(self.gpt2_tokenizer, out, remove_duplicates=remove_duplicates)
+
+
+def fold_latent_scale(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """Optimus params whose latents are `scale` x those of `params`, as plain Optimus weights.
+
+    A model whose diffuser reads Optimus means x `scale` (the demo's, `scale` = 1 / their std)
+    becomes one that reads the means as they are, as VD's released model does: the mu half of
+    the encoder's latent head is multiplied by `scale`, the decoder's latent projections
+    (`linear`, `linear_emb`, both bias-free and linear in z) divided by it. The encoder's logvar
+    half, which VD never reads, is left as it is.
+    """
+    out = jax.tree_util.tree_map(np.asarray, dict(params))
+    if "encoder" in out:
+        enc = dict(out["encoder"])
+        kernel = np.array(enc["linear"]["kernel"])
+        latent = kernel.shape[-1] // 2
+        kernel[..., :latent] *= scale
+        enc["linear"] = {**enc["linear"], "kernel": kernel}
+        out["encoder"] = enc
+    if "decoder" in out:
+        dec = dict(out["decoder"])
+        for name in ("linear", "linear_emb"):
+            dec[name] = {**dec[name], "kernel": np.asarray(dec[name]["kernel"]) / scale}
+        out["decoder"] = dec
+    return out

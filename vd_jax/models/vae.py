@@ -172,6 +172,68 @@ class VAEConfig:
             sample_size=int(ddconfig.get("resolution", 256)),
         )
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers `vae/config.json` dict; `from_diffusers` reads it back to this config."""
+        n = len(self.block_out_channels)
+        size = self.sample_size
+        return {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": list(self.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "force_upcast": True,
+            "in_channels": self.in_channels,
+            "latent_channels": self.latent_channels,
+            "latents_mean": None,
+            "latents_std": None,
+            "layers_per_block": self.layers_per_block,
+            "mid_block_add_attention": self.mid_block_add_attention,
+            "norm_num_groups": self.norm_num_groups,
+            "out_channels": self.out_channels,
+            "sample_size": list(size) if isinstance(size, tuple) else size,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "use_post_quant_conv": self.use_post_quant_conv,
+            "use_quant_conv": self.use_quant_conv,
+        }
+
+    def to_ldm(self) -> dict[str, Any]:
+        """The original LDM/VD `ddconfig` dict (`from_ldm(d, latent_channels)` reads it back).
+
+        `scaling_factor` is not part of it (LDM keeps it with the diffusion model).
+
+        Raises:
+          ValueError: naming the fields LDM's layout cannot express.
+        """
+        ch = self.block_out_channels[0]
+        fixed = {
+            "norm_num_groups": (self.norm_num_groups, 32),  # LDM's Normalize() hard-codes 32
+            "shift_factor": (self.shift_factor, None),
+            "use_quant_conv": (self.use_quant_conv, True),
+            "use_post_quant_conv": (self.use_post_quant_conv, True),
+            "mid_block_add_attention": (self.mid_block_add_attention, True),
+        }
+        bad = [f"{k}={got!r} (LDM has {want!r})" for k, (got, want) in fixed.items() if got != want]
+        if any(c % ch for c in self.block_out_channels):
+            bad.append(f"block_out_channels={list(self.block_out_channels)} (multiples of ch)")
+        if not isinstance(self.sample_size, int):
+            bad.append(f"sample_size={self.sample_size!r} (one int)")
+        if bad:
+            raise ValueError("the LDM layout cannot express " + ", ".join(bad))
+        return {
+            "double_z": True,
+            "z_channels": self.latent_channels,
+            "resolution": self.sample_size,
+            "in_channels": self.in_channels,
+            "out_ch": self.out_channels,
+            "ch": ch,
+            "ch_mult": [c // ch for c in self.block_out_channels],
+            "num_res_blocks": self.layers_per_block,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
+
 
 class VAEAttention(nn.Module):
     """diffusers' VAE mid-block `Attention`: GroupNorm, one head of width C, residual."""

@@ -36,7 +36,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad field, before anything is loaded."""
     if not config.weights:
         raise ConfigError(
-            "config.weights: give a VD folder (diffusers format or the original files)"
+            "config.weights: give a VD folder (diffusers format, the original files or a "
+            "vd_jax run's workdir)"
         )
     if config.flow not in vd_flows.FLOWS:
         raise ConfigError(f"config.flow={config.flow!r}: choose one of {list(vd_flows.FLOWS)}")
@@ -159,7 +160,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     init_noise = np.load(config.init_noise, allow_pickle=False) if config.init_noise else None
 
     t0 = time.perf_counter()
-    models = load_models(config.weights, flows=(config.flow,))
+    models = load_models(
+        config.weights,
+        flows=(config.flow,),
+        checkpoint_step=config.checkpoint_step if config.checkpoint_step >= 0 else None,
+        use_ema=config.use_ema,
+    )
+    log.info("loaded %s from %s", config.flow, models.source or config.weights)
     pipe = VDPipeline(models, dtype=_DTYPES[config.dtype])
     load_s = time.perf_counter() - t0
 
@@ -181,7 +188,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     total_s = time.perf_counter() - t0
 
     os.makedirs(config.output_dir, exist_ok=True)
-    record: dict[str, Any] = {"config": config.to_dict(), "flow": config.flow, "seed": config.seed}
+    record: dict[str, Any] = {
+        "config": config.to_dict(),
+        "flow": config.flow,
+        "seed": config.seed,
+        "weights": models.source or config.weights,
+    }
     record.update(_write_outputs(config.output_dir, config.flow, result))
     record.update(
         timings={

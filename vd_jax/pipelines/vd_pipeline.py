@@ -23,6 +23,7 @@ from PIL import Image
 
 from vd_jax import xla_options
 from vd_jax.convert.components import VDModels
+from vd_jax.convert.load import load_models
 from vd_jax.diffusion import ddim
 from vd_jax.models.clip import CLIPTextEncoder, CLIPVisionEncoder
 from vd_jax.models.optimus import OptimusVAE
@@ -60,7 +61,38 @@ class VDPipeline:
     Args:
       models: from `vd_jax.convert.load.load_models` (any supported folder).
       dtype: compute dtype (float32 for parity; bfloat16 on accelerators).
+
+    `VDPipeline.from_pretrained(path)` loads and builds in one call.
     """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        flows: Sequence[str] | None = None,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        checkpoint_step: int | None = None,
+        use_ema: bool = True,
+    ) -> VDPipeline:
+        """A pipeline on the weights at `path`: a diffusers-format VD folder, a folder of
+        SHI-Labs' released files, or a vd_jax run's workdir (local or a URL).
+
+        Args:
+          path: the folder.
+          flows: the flows to load (others raise on use); None loads every one the source
+            supports.
+          dtype: compute dtype.
+          param_dtype: storage dtype of the params (bfloat16 halves their memory).
+          checkpoint_step: a run's checkpoint (default: its newest complete one).
+          use_ema: a run's EMA params when it kept them.
+        """
+        models = load_models(
+            path, flows, param_dtype=param_dtype, checkpoint_step=checkpoint_step,
+            use_ema=use_ema,
+        )  # fmt: skip
+        return cls(models, dtype=dtype)
 
     def __init__(self, models: VDModels, dtype: Any = jnp.float32):
         self.models = models
@@ -148,9 +180,14 @@ class VDPipeline:
                     [apps.mask_token_weights(m, cfg.image_size, cfg.patch_size) for m in masks]
                 )
             )
-        return self._encode_image(self.params["vision"], pixels, weights)
+        ctx = self._encode_image(self.params["vision"], pixels, weights)
+        # A model trained on the first N tokens (the demo's CLS alone) reads only those.
+        return ctx[:, : self.models.image_context_tokens]
 
-    def unconditional_image_context(self, n: int, mode: str = "gray") -> jax.Array:
+    def unconditional_image_context(self, n: int, mode: str | None = None) -> jax.Array:
+        """The unconditional image context, `n` rows: `mode` or the model's own (see
+        `VDModels.image_uncond`), else diffusers' gray image."""
+        mode = self._uncond(mode, "gray")
         if mode not in IMAGE_UNCOND_MODES:
             raise ValueError(f"image_uncond must be one of {IMAGE_UNCOND_MODES}, got {mode!r}")
         if mode == "black":
@@ -160,17 +197,21 @@ class VDPipeline:
             ctx = jnp.zeros_like(ctx) if mode == "zeros" else ctx
         return jnp.repeat(ctx, n, axis=0)
 
+    def _uncond(self, mode: str | None, default: str) -> str:
+        return mode or self.models.image_uncond or default
+
     def encode_text_latents(self, texts: Sequence[str]) -> jax.Array:
-        """Optimus latents (the encoder's mu) [B, latent] of sentences."""
+        """The diffuser's text latents [B, latent] of sentences: Optimus means (the encoder's
+        mu) x the model's `text_latent_scale`."""
         self._need("the Optimus encoder", (self.params["optimus"] or {}).get("encoder"))
-        return self.text_vae.encode(texts)
+        return self.text_vae.encode(texts) * self.models.text_latent_scale
 
     def decode_text_latents(self, latents: jax.Array, **kw) -> list[str]:
         """Sentences from Optimus latents (`OptimusVAE.decode`'s options: seed, temperature,
         top_k, top_p, max_length, method, num_beams, remove_duplicates; the original:
         ancestral sampling, T=1, 30 tokens)."""
         self._need("the Optimus decoder", (self.params["optimus"] or {}).get("decoder"))
-        return self.text_vae.decode(latents, **kw)
+        return self.text_vae.decode(jnp.asarray(latents) / self.models.text_latent_scale, **kw)
 
     # ------------------------------------------------------------------ sampling
 
@@ -281,7 +322,7 @@ class VDPipeline:
         images: Any,
         *,
         num_samples: int = 1,
-        image_uncond: str = "gray",
+        image_uncond: str | None = None,
         focus: float = 0.5,
         fidelity: float = 0.0,
         color_adjust: bool = False,
@@ -333,7 +374,7 @@ class VDPipeline:
         *,
         text_strength: float = 0.5,
         num_samples: int = 1,
-        image_uncond: str = "gray",
+        image_uncond: str | None = None,
         focus: float = 0.5,
         **kw,
     ) -> SampleResult:
@@ -371,7 +412,7 @@ class VDPipeline:
         prompt: str = "",
         text_strength: float = 0.0,
         num_samples: int = 1,
-        image_uncond: str = "zeros",
+        image_uncond: str | None = None,
         **kw,
     ) -> SampleResult:
         """VD's multi-context blender: each image's tokens (focus-adjusted, optionally
@@ -388,6 +429,7 @@ class VDPipeline:
             ctx = self.encode_images([img], None if m is None else [m])
             parts.append(apps.apply_focus(ctx, lvl) * w)
         image = jnp.repeat(jnp.concatenate(parts, axis=1), num_samples, axis=0)
+        image_uncond = self._uncond(image_uncond, "zeros")
         uncond_image = (
             jnp.zeros_like(image)
             if image_uncond == "zeros"
@@ -412,13 +454,13 @@ class VDPipeline:
         images: Any,
         *,
         num_samples: int = 1,
-        image_uncond: str = "black",
+        image_uncond: str | None = None,
         decode: dict | None = None,
         **kw,
     ) -> SampleResult:
         """Captions from images: text data layers + image-context layers, then Optimus."""
         cond = jnp.repeat(self.encode_images(_as_list(images)), num_samples, axis=0)
-        uncond = self.unconditional_image_context(len(cond), image_uncond)
+        uncond = self.unconditional_image_context(len(cond), self._uncond(image_uncond, "black"))
         result = self.generate([cond], [uncond], ("image",), xtype="text", **kw)
         result.texts = self.decode_text_latents(
             result.latents, seed=kw.get("seed", 0), **(decode or {})

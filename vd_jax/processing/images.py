@@ -100,6 +100,30 @@ class CLIPImageProcessorConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers `CLIPImageProcessor` `preprocessor_config.json` dict of this config;
+        `from_dict` reads it back to this config."""
+        h, w = self.crop_size
+        size = self.size
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.do_resize,
+            "size": (
+                {"shortest_edge": size}
+                if isinstance(size, int)
+                else {"height": size[0], "width": size[1]}
+            ),
+            "resample": self.resample,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": h, "width": w},
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+        }
+
 
 def unconditional_gray_image(height: int = 512, width: int = 512) -> np.ndarray:
     """The float64 [H, W, 3] image of 0.5s diffusers' VD pipelines encode as "no image"."""

@@ -22,6 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vd_jax.convert import run_folder
+from vd_jax.convert.encoders_folder import EncodersFolder, is_encoders_folder, write_encoders_folder
+from vd_jax.train.objective import noise_schedule
 from vd_jax.train.trainer import Trainer
 
 
@@ -70,6 +73,55 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
         (jax.Array, arrays),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def write_run_record(config, trainer: Trainer, workdir: str) -> None:
+    """`vd_model.json` (vd_jax.convert.run_folder): what sampling and export need besides the
+    checkpoints. Random encoders (tests) are saved into `workdir/encoders` with it. Process 0
+    writes; every start rewrites it (a resumed run may have moved)."""
+    if jax.process_index() != 0:
+        return
+    kind, folder = _encoders_source(config, trainer, workdir)
+    record = run_folder.make_record(
+        trainer.dcfg, noise_schedule(config), trainer.flows,
+        image_size=config.image_size, latent_size=config.latent_size,
+        encoders_kind=kind, encoders_folder=folder, init_from=_absolute(config.init_from),
+    )  # fmt: skip
+    run_folder.write_record(workdir, record)
+
+
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
+def _encoders_source(config, trainer: Trainer, workdir: str) -> tuple[str, str]:
+    """The record's (encoders kind, folder): a pretrained folder, a saved folder, or none."""
+    e, enc = config.encoders, trainer.encoders
+    if e.source == "pretrained":
+        return "folder", _absolute(e.folder)
+    if e.source == "demo":  # the demo's pre-trained encoders, beside its VD run
+        folder = _absolute(e.folder)
+        if "://" in folder or "://" in str(workdir):
+            return "saved", folder
+        return "saved", os.path.relpath(folder, os.path.abspath(workdir))
+    if enc.vae is None and enc.clip_text is None:
+        return "none", ""
+    dest = workdir_path(workdir) / "encoders"
+    if not is_encoders_folder(dest):
+        write_encoders_folder(dest, _random_encoders(enc))
+    return "saved", "encoders"
+
+
+def _random_encoders(enc) -> EncodersFolder:
+    """The trainer's random encoders (VAE, CLIP towers when present) as an encoders folder."""
+    configs, params = {}, {}
+    if enc.vae is not None:
+        configs["vae"], params["vae"] = enc.vae.config, enc.params["vae"]
+    if enc.clip_text is not None:
+        configs["clip_text"] = enc.clip_text.config
+        configs["clip_vision"] = enc.clip_vision.config
+        params["clip"] = {"text": enc.params["clip_text"], "vision": enc.params["clip_vision"]}
+    return EncodersFolder(configs=configs, params=params)
 
 
 def save(mngr, step: int, state: dict, data_state: Any, force: bool = False) -> bool:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from vd_jax.data.encoders import FrozenEncoders
 from vd_jax.data.input_pipeline import make_iterator
 from vd_jax.train import checkpoints as ckpt
+from vd_jax.train import finetune
 from vd_jax.train import step as ts
 from vd_jax.train.metrics import MetricsWriter, write_loss_curve
 from vd_jax.train.samples import Sampler
@@ -80,6 +81,7 @@ def train_and_evaluate(
     """
     maybe_initialize_distributed(config)
     _prefix_log_lines()
+    config = finetune.resolve(config)
     if config.get("compilation_cache_dir", ""):
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -91,6 +93,7 @@ def train_and_evaluate(
     start = int(jax.device_get(state["step"]))
     n_params = ts.count_params(trainer.abstract_state["params"])
     logging.info("diffuser params: %d, flows %s, mesh %s", n_params, trainer.flows, trainer.mesh)
+    ckpt.write_run_record(config, trainer, workdir)
     workdir = ckpt.workdir_path(workdir)
     writer = MetricsWriter(str(workdir), enabled=pid == 0, resume_step=start)
     if start == 0:

@@ -79,13 +79,23 @@ def _scale_bwd(scale, _, g):
 scale_grad.defvjp(_scale_fwd, _scale_bwd)
 
 
+def noise_schedule(config) -> NoiseSchedule:
+    """The run's noise schedule: VD's, or the fields `config.schedule` sets (a fine-tune takes
+    its source's), predicting `config.prediction_type`."""
+    fields = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("schedule") or {}).items()
+    }
+    fields["prediction_type"] = config.get("prediction_type", "epsilon")
+    return NoiseSchedule(**fields)
+
+
 def _noised(inputs, uncond, rng, flow: str, config) -> dict[str, Any]:
     """One flow's training inputs: noised latents x_t, timesteps, target, dropped contexts."""
     xtype, ctypes = _types(flow)
     x0 = inputs[f"{xtype}_latent"].astype(jnp.float32)
     b = x0.shape[0]
     k_t, k_noise, k_drop = jax.random.split(rng, 3)
-    alphas = jnp.asarray(NoiseSchedule().alphas_cumprod(), jnp.float32)
+    alphas = jnp.asarray(noise_schedule(config).alphas_cumprod(), jnp.float32)
     t = jax.random.randint(k_t, (b,), 0, alphas.shape[0])
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     target = noise

@@ -18,6 +18,7 @@ from vd_jax import flows as vd_flows
 from vd_jax import xla_options
 from vd_jax.models import unet
 from vd_jax.train.metrics import MetricsWriter, write_png
+from vd_jax.train.objective import noise_schedule
 
 if TYPE_CHECKING:
     from vd_jax.train.loop import Trainer
@@ -35,6 +36,7 @@ def make_flow_sampler(
     dual_ratio: float = 0.5,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
+    schedule: Any = None,
 ):
     """`run(params, frozen, inputs, rng)`: DDIM with classifier-free guidance for one flow.
 
@@ -48,7 +50,7 @@ def make_flow_sampler(
     from vd_jax.models.vae import decode_latents
 
     xtype, ctypes = vd_flows.get(flow).data, vd_flows.get(flow).contexts
-    schedule = NoiseSchedule(prediction_type=prediction_type)
+    schedule = schedule or NoiseSchedule(prediction_type=prediction_type)
     tables = ddim.ddim_tables(schedule, steps)
     dcfg = model.config
     ratios = None if len(ctypes) == 1 else (dual_ratio, 1.0 - dual_ratio)
@@ -121,7 +123,7 @@ class Sampler:
             make_flow_sampler(
                 tr.model, tr.encoders.vae, flow, num=cfg.num_samples, latent_size=cfg.latent_size,
                 steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                dual_ratio=cfg.dual_ratio, prediction_type=cfg.get("prediction_type", "epsilon"),
+                dual_ratio=cfg.dual_ratio, schedule=noise_schedule(cfg),
             ),
             out_shardings=tr.rep,
         )  # fmt: skip

@@ -107,7 +107,12 @@ class Trainer:
         )  # fmt: skip
         logging.info("init_from %s: took %s", source, init_from.describe(loaded))
         params = init_from.graft(state["params"], loaded)
-        ema = params if self.config.ema_decay > 0 else state["ema_params"]
+        ema = state["ema_params"]
+        if self.config.ema_decay > 0:  # a copy: the step donates both trees, each its buffers
+            copy = jax.jit(
+                lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=self.state_sh["params"]
+            )
+            ema = copy(params)
         # The optimizer state of fresh params is zeros whatever the values: it stays valid.
         return {**state, "params": params, "ema_params": ema}
 
