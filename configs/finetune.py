@@ -11,6 +11,9 @@ schedule, the image size and the frozen VAE / CLIP / Optimus (vd_jax/train/finet
 images and captions are encoded in the step. Sample the result with
 `sample.py --config.weights=runs/ft`, export it with `python -m vd_jax.export`.
 
+Set `--config.image_size` to train at another resolution than the source's, and
+`--config.encoders.folder` to take the frozen encoders from elsewhere.
+
 `arg` keys: flows ('source': every flow the source supports — the image flows for a diffusers
 folder, all four plus dual-guided with Optimus — or names joined by '+', e.g.
 flows=text_to_image+image_variation).
@@ -30,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model_from_init = True  # model, schedule, sizes and encoders from `init_from`
     c.flows_from_init = a.flows == "source"
     c.flows = flows_config(TRAINABLE if a.flows == "source" else tuple(a.flows.split("+")))
+    # 0: the source's size; e.g. 256 fine-tunes the 512^2 model at 256^2.
+    c.image_size = c.latent_size = 0
     c.init_from_ema = True
     c.num_steps = 2000
     c.batch_size = 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,11 +28,20 @@ CHANCE = (1 / 4 + 1 / 6 + 1 / 6) / 3
 
 
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
+def ci_run(tmp_path_factory, worker_id):
+    """One run of the demo for every test and every xdist worker of the session (a second
+    run on the other worker would repeat minutes of the same work): the first worker to ask
+    runs it, the others wait and read its workdir. Tests only read the workdir (or copy it)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # the session's, shared by workers
+    workdir = root / "demo_ci"
     config = demo_config.get_config("budget=ci")
-    out = run_demo(config, str(workdir))
-    return config, workdir, out
+    with FileLock(str(root / "demo_ci.lock")):
+        if (workdir / "eval.json").is_file():
+            return config, workdir, json.loads((workdir / "eval.json").read_text())
+        return config, workdir, run_demo(config, str(workdir))
 
 
 @pytest.mark.slow
@@ -71,8 +81,10 @@ def test_demo_runs_end_to_end_and_beats_chance(ci_run):
 
 
 @pytest.mark.slow
-def test_demo_rerun_reuses_stages_and_resumes(ci_run):
-    config, workdir, _ = ci_run
+def test_demo_rerun_reuses_stages_and_resumes(ci_run, tmp_path):
+    config, shared, _ = ci_run
+    workdir = tmp_path / "demo"  # a copy: the shared workdir stays as the first run left it
+    shutil.copytree(shared, workdir)
     more = demo_config.get_config("budget=ci")
     more.vd.num_steps = config.vd.num_steps + 10
     out = run_demo(more, str(workdir))

@@ -93,6 +93,27 @@ def test_sample_py_samples_a_run(tiny_run, tmp_path):
     assert np.asarray(Image.open(out / "sample_000.png")).shape == (16, 16, 3)
 
 
+def test_a_run_in_a_bucket_loads_like_the_local_one(tiny_run, tmp_path):
+    """A pod's workdir in gs:// (a GCS API server on loopback): the same params and encoders."""
+    from etils import epath
+    from fake_gcs import FakeGCS
+
+    from vd_jax.convert.load import copy_tree
+
+    workdir, _, _ = tiny_run
+    local = load_models(str(workdir), ["text_to_image"])
+    with FakeGCS(tmp_path / "gcs") as gcs:
+        url = f"{gcs.bucket('vd-runs')}/tiny"
+        copy_tree(epath.Path(workdir), epath.Path(url))
+        remote = load_models(url, ["text_to_image"])
+    assert remote.source.startswith("gs://vd-runs/tiny (step 2, ema_params)")
+    for want, got in ((local.diffuser_params, remote.diffuser_params),
+                      (local.text_params, remote.text_params)):  # fmt: skip
+        want, got = _flat(want), _flat(got)
+        assert want.keys() == got.keys()
+        assert all(np.array_equal(got[k], v) for k, v in want.items())
+
+
 def test_run_errors_name_the_problem(tiny_run, tiny_vd):
     workdir, _, _ = tiny_run
     with pytest.raises(CheckpointError, match=r"no checkpoint of step 7; it has steps \[1, 2\]"):
@@ -258,3 +279,28 @@ def test_text_flow_run_exported_to_original_reads_back_the_same_captions(user_da
     back = VDPipeline.from_pretrained(str(exported), ["image_to_text"]).image_to_text(image, **kw)
     np.testing.assert_allclose(back.latents, ours.latents, atol=1e-5)
     assert back.texts == ours.texts and ours.texts[0].strip()
+
+
+def test_finetune_config_takes_sizes_encoders_and_flows_from_its_source(tiny_vd, tiny_run):
+    from configs import finetune as finetune_config
+    from vd_jax.train.finetune import resolve
+
+    cfg = finetune_config.get_config()
+    with pytest.raises(ValueError, match="give --config.init_from"):
+        resolve(cfg)
+    cfg.init_from = tiny_vd["folder"]
+    out = resolve(cfg)
+    image_unet = json.loads(open(os.path.join(tiny_vd["folder"], "image_unet/config.json")).read())
+    assert out.model.model_channels == image_unet["block_out_channels"][0]
+    assert (out.image_size, out.latent_size) == (16, 8)
+    assert out.encoders.folder == tiny_vd["folder"] and out.encoders.on_the_fly
+    assert set(out.flows) == {"text_to_image", "image_variation", "dual_guided"}  # no Optimus
+    assert out.schedule.beta_schedule == "scaled_linear" and out.prediction_type == "epsilon"
+    cfg.image_size = 32  # another resolution: the latents follow
+    assert (resolve(cfg).image_size, resolve(cfg).latent_size) == (32, 16)
+    workdir, run_cfg, _ = tiny_run  # a vd_jax run as the source
+    cfg = finetune_config.get_config("flows=text_to_image")
+    cfg.init_from = str(workdir)
+    out = resolve(cfg)
+    assert out.model.model_channels == run_cfg.model.model_channels
+    assert list(out.flows) == ["text_to_image"]

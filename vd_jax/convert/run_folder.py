@@ -250,12 +250,14 @@ def load_run(
         vae_params=None,
         image_sample_size=int(rec["latent_size"]),
     )
-    _add_encoders(models, run, rec, flows, optimus_halves, everything, param_dtype)
+    _add_encoders(models, run, rec, flows, optimus_halves, everything, param_dtype, source)
     models.source = f"{run} (step {step}, {which})"
     return models
 
 
-def _add_encoders(models, run, rec, flows, optimus_halves, everything, dtype) -> None:
+def _add_encoders(models, run, rec, flows, optimus_halves, everything, dtype, source) -> None:
+    """The encoders the record names; `source` (the init_from source read whole, or None) is
+    reused when they are its."""
     enc = rec["encoders"]
     needs = [vd_flows.get(f) for f in flows]
     text = any(n.needs_clip_text for n in needs)
@@ -278,8 +280,11 @@ def _add_encoders(models, run, rec, flows, optimus_halves, everything, dtype) ->
         return
     from vd_jax.convert.load import load_models
 
-    src_flows = None if everything else flows
-    src = load_models(folder, src_flows, param_dtype=dtype, optimus_halves=tuple(halves))
+    if source is not None and folder == _resolve(run, rec.get("init_from", "")):
+        src = source  # a fine-tune's encoders are usually its source's: read once
+    else:
+        src_flows = None if everything else flows
+        src = load_models(folder, src_flows, param_dtype=dtype, optimus_halves=tuple(halves))
     for field in (
         "vae_config vae_params text_config text_params tokenizer vision_config vision_params "
         "image_processor squash_images_to optimus_configs optimus_params bert_tokenizer "

@@ -3,9 +3,10 @@ the source it starts from (`configs/finetune.py`).
 
 A config with `model_from_init` set gets, from `config.init_from` (a diffusers VD folder,
 SHI-Labs' released files or a vd_jax run; `vd_jax.convert.load.describe` reads only their
-configs): the diffuser's sizes, the noise schedule and its prediction type, the latent and image
-sizes, the frozen encoders (`encoders.folder` = the source itself, encoding raw images and
-captions in the step) and, with `flows_from_init`, the flows the source supports.
+configs): the diffuser's sizes, the noise schedule and its prediction type, the image size
+(unless `image_size` is set: then the latents follow it), the frozen encoders (`encoders.folder`
+= the source itself unless set, encoding raw images and captions in the step) and, with
+`flows_from_init`, the flows the source supports.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         schedule = dataclasses.asdict(info.schedule)
         out.prediction_type = schedule.pop("prediction_type")
         out.schedule = schedule
-        out.latent_size, out.image_size = info.latent_size, info.image_size
-        out.encoders.update(source="pretrained", folder=config.init_from, on_the_fly=True)
+        if not config.image_size:  # 0: the source's; a set size trains at that resolution
+            out.latent_size, out.image_size = info.latent_size, info.image_size
+        else:
+            out.latent_size = config.image_size * info.latent_size // info.image_size
+        out.encoders.update(
+            source="pretrained", folder=config.encoders.folder or config.init_from, on_the_fly=True
+        )
         if config.get("flows_from_init", False):
             out.flows = _flows_config(info.flows, config.flows)
     logging.info(
