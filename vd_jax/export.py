@@ -47,7 +47,7 @@ def export(
     overwrite: bool = False,
 ) -> dict:
     """Loads everything `source` holds and writes it to `output` in `fmt`; returns the report."""
-    import numpy as np
+    import jax.numpy as jnp
 
     from vd_jax.convert.export import export_diffusers
     from vd_jax.convert.export_original import export_original
@@ -57,11 +57,7 @@ def export(
         raise ValueError(f"format={fmt!r}: choose one of {FORMATS}")
     models = load_models(source, None, checkpoint_step=checkpoint_step, use_ema=use_ema)
     if fmt == "diffusers":
-        np_dtype = np.dtype(dtype) if dtype and dtype != "bfloat16" else None
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            np_dtype = ml_dtypes.bfloat16
+        np_dtype = jnp.dtype(dtype) if dtype else None  # jnp's knows bfloat16
         warnings = export_diffusers(models, output, dtype=np_dtype, overwrite=overwrite)
     else:
         warnings = export_original(models, output, pth=pth, overwrite=overwrite)

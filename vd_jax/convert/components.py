@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from vd_jax.convert import core
@@ -65,6 +66,16 @@ class VDModels:
     # vd_jax runs); None leaves each flow's default (diffusers' gray image, the app's black).
     image_uncond: str | None = None
     source: str = ""  # where the weights came from, for logs and run.json
+
+
+def has_part(params: Mapping[str, Any] | None, part: str) -> bool:
+    """Whether diffuser params hold the (non-empty) part 'global', 'data/image', ..."""
+    node: Any = params or {}
+    for key in part.split("/"):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return bool(node)
 
 
 def read_json(path: str) -> dict:

@@ -136,7 +136,8 @@ def _config(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
+def cast_params(tree: Any, dtype: Any) -> Any:
+    """A tree of numpy arrays in `dtype`."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
@@ -146,7 +147,7 @@ def add_to_models(
     """Puts the folder's VAE and the CLIP towers / Optimus asked for into `models`.
 
     Raises `CheckpointError` naming what the folder lacks."""
-    from vd_jax.processing.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+    from vd_jax.processing.clip_tokenizer import bundled_clip_tokenizer
     from vd_jax.processing.optimus_tokenizers import load_bert_tokenizer, load_gpt2_tokenizer
 
     needed = ["vae"] + ["clip_text"] * text + ["clip_vision"] * vision + ["bert", "gpt2"] * optimus
@@ -155,24 +156,23 @@ def add_to_models(
         raise CheckpointError(
             f"the run's encoders hold no {absent} (was it trained on precomputed inputs?)"
         )
-    models.vae_config, models.vae_params = enc.configs["vae"], _cast(enc.params["vae"], dtype)
+    models.vae_config, models.vae_params = enc.configs["vae"], cast_params(enc.params["vae"], dtype)
     models.image_uncond = "zeros"  # vd_jax's trainer: zero image contexts for dropped ones
     if text:
         models.text_config = enc.configs["clip_text"]
-        models.text_params = _cast(enc.params["clip"]["text"], dtype)
-        with tempfile.TemporaryDirectory(prefix="vd_jax_clip_tok_") as tmp:
-            models.tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tmp))
+        models.text_params = cast_params(enc.params["clip"]["text"], dtype)
+        models.tokenizer = bundled_clip_tokenizer()
         models.tokenizer.model_max_length = enc.text_length
     if vision:
         cfg = enc.configs["clip_vision"]
         models.vision_config = cfg
-        models.vision_params = _cast(enc.params["clip"]["vision"], dtype)
+        models.vision_params = cast_params(enc.params["clip"]["vision"], dtype)
         s = cfg.image_size
         models.image_processor = CLIPImageProcessorConfig(size=s, crop_size=(s, s))
         models.image_context_tokens = 1 if enc.image_context == "cls" else None
     if optimus:
         models.optimus_configs = (enc.configs["bert"], enc.configs["gpt2"])
-        models.optimus_params = _cast(enc.params["optimus"], dtype)
+        models.optimus_params = cast_params(enc.params["optimus"], dtype)
         models.bert_tokenizer = load_bert_tokenizer()
         models.gpt2_tokenizer = load_gpt2_tokenizer()
         models.text_latent_scale = enc.text_scale

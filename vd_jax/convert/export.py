@@ -26,7 +26,7 @@ import numpy as np
 from vd_jax.convert import core
 from vd_jax.convert import unet as unet_convert
 from vd_jax.convert.clip import export_clip_tower
-from vd_jax.convert.components import VDModels
+from vd_jax.convert.components import VDModels, has_part
 from vd_jax.convert.core import CheckpointError
 from vd_jax.convert.vae import vae_rules
 from vd_jax.models import unet as unet_model
@@ -127,15 +127,6 @@ def write_safetensors(path: str, state: Mapping[str, np.ndarray]) -> None:
     save_file(tensors, path, {"format": "pt"})
 
 
-def _present(params: Mapping[str, Any], part: str) -> bool:
-    node: Any = params
-    for key in part.split("/"):
-        if not isinstance(node, Mapping) or key not in node:
-            return False
-        node = node[key]
-    return bool(node)
-
-
 def complete_diffuser_params(models: VDModels, what: str, warnings: list[str]) -> dict[str, Any]:
     """`models.diffuser_params` with every part, or `CheckpointError` naming the missing ones.
 
@@ -148,7 +139,7 @@ def complete_diffuser_params(models: VDModels, what: str, warnings: list[str]) -
       warnings: gets the warning.
     """
     params = models.diffuser_params or {}
-    missing = [p for p in unet_model.ALL_PARTS if not _present(params, p)]
+    missing = [p for p in unet_model.ALL_PARTS if not has_part(params, p)]
     fatal = [p for p in missing if p != "data/text"]
     if fatal:
         raise CheckpointError(

@@ -74,13 +74,17 @@ def load_models(
             folder, flows, param_dtype=param_dtype, optimus_halves=optimus_halves
         )
     else:
-        raise CheckpointError(
-            f"{folder}: neither a diffusers folder (model_index.json), a folder of the released "
-            "original files (vd-four-flow-v1-0-fp16.pth / vd-four-flow-v1-0.pth, kl-f8.pth, "
-            "optimus-vae.pth) nor a vd_jax run (vd_model.json)"
-        )
+        raise _not_a_source(folder)
     models.source = name
     return models
+
+
+def _not_a_source(folder: str) -> CheckpointError:
+    return CheckpointError(
+        f"{folder}: neither a diffusers folder (model_index.json), a folder of the released "
+        "original files (vd-four-flow-v1-0-fp16.pth / vd-four-flow-v1-0.pth, kl-f8.pth, "
+        "optimus-vae.pth) nor a vd_jax run (vd_model.json)"
+    )
 
 
 def local_folder(folder: str | os.PathLike) -> str:
@@ -144,7 +148,6 @@ def describe(folder: str | os.PathLike) -> SourceInfo:
     elif is_original_folder(folder):
         info = original_files.describe(folder)
     else:
-        load_models(folder, None)  # raises naming what the folder is not
-        raise AssertionError("unreachable")
+        raise _not_a_source(folder)
     diffuser, schedule, flows, latent, factor = info
     return SourceInfo(diffuser, schedule, flows, latent, latent * factor)

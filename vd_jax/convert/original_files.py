@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -325,17 +324,14 @@ def _clip_state(folder: str, clip_dir: str | None, old: core.StateDict | None):
 
 
 def _clip_tokenizer(folder: str, clip_dir: str | None):
-    from vd_jax.processing.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+    from vd_jax.processing.clip_tokenizer import bundled_clip_tokenizer, load_clip_tokenizer
 
     d = _clip_folder(folder, clip_dir)
     if d is not None and any(
         os.path.isfile(os.path.join(d, n)) for n in ("vocab.json", "tokenizer.json")
     ):
         return load_clip_tokenizer(d)
-    # ViT-L/14's tokenizer is CLIP's standard BPE, bundled with vd_jax; the tokenizer
-    # holds its vocabulary in memory, so the files can go right away.
-    with tempfile.TemporaryDirectory(prefix="vd_jax_clip_tok_") as tmp:
-        return load_clip_tokenizer(write_clip_tokenizer_files(tmp))
+    return bundled_clip_tokenizer()  # ViT-L/14's is CLIP's standard BPE
 
 
 def write_config(folder: str, config: dict) -> None:

@@ -34,9 +34,9 @@ import numpy as np
 from etils import epath
 
 from vd_jax import flows as vd_flows
-from vd_jax.convert.components import VDModels
+from vd_jax.convert.components import VDModels, has_part
 from vd_jax.convert.core import CheckpointError
-from vd_jax.convert.encoders_folder import add_to_models, read_encoders_folder
+from vd_jax.convert.encoders_folder import add_to_models, cast_params, read_encoders_folder
 from vd_jax.diffusion.schedules import NoiseSchedule
 from vd_jax.models.unet import ALL_PARTS, DiffuserConfig
 
@@ -160,17 +160,6 @@ def _plain(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def params_parts(params: dict) -> tuple[str, ...]:
-    """The diffuser parts ('global', 'data/image', ...) a params tree holds."""
-    have = []
-    for part in ALL_PARTS:
-        group, _, modality = part.partition("/")
-        sub = params.get(group)
-        if sub and (not modality or sub.get(modality)):
-            have.append(part)
-    return tuple(have)
-
-
 def _take(params: dict, part: str) -> Any:
     group, _, modality = part.partition("/")
     return params[group] if not modality else params[group][modality]
@@ -182,10 +171,6 @@ def _put(params: dict, part: str, value: Any) -> None:
         params[group] = value
     else:
         params.setdefault(group, {})[modality] = value
-
-
-def _cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
 def _resolve(run: epath.Path, folder: str) -> str:
@@ -222,20 +207,20 @@ def load_run(
     rec = read_record(run)
     step = pick_step(run, checkpoint_step)
     params, which = read_diffuser_params(run, step, use_ema)
-    params = _cast(params, param_dtype)
+    params = cast_params(params, param_dtype)
     everything = flows is None
     trained = vd_flows.check(rec["flows"], trainable=True)
     flows = trained if everything else vd_flows.check(flows)
     wanted = ALL_PARTS if everything else vd_flows.parts(flows)
-    missing = [p for p in wanted if p not in params_parts(params)]
+    missing = [p for p in wanted if not has_part(params, p)]
     init_from = _resolve(run, rec.get("init_from", ""))
     source = None
     if missing and init_from:
         source = load_models(init_from, None, param_dtype=param_dtype)
         for part in missing:
-            if part in params_parts(source.diffuser_params):
+            if has_part(source.diffuser_params, part):
                 _put(params, part, _take(source.diffuser_params, part))
-    still = [p for p in wanted if p not in params_parts(params)]
+    still = [p for p in wanted if not has_part(params, p)]
     if still and not everything:
         raise CheckpointError(
             f"{run}: {list(flows)} need the diffuser parts {still}, which the run (flows "
@@ -250,14 +235,18 @@ def load_run(
         vae_params=None,
         image_sample_size=int(rec["latent_size"]),
     )
-    _add_encoders(models, run, rec, flows, optimus_halves, everything, param_dtype, source)
+    _add_encoders(
+        models, run, rec, flows, optimus_halves, everything, param_dtype, source, init_from
+    )
     models.source = f"{run} (step {step}, {which})"
     return models
 
 
-def _add_encoders(models, run, rec, flows, optimus_halves, everything, dtype, source) -> None:
-    """The encoders the record names; `source` (the init_from source read whole, or None) is
-    reused when they are its."""
+def _add_encoders(
+    models, run, rec, flows, optimus_halves, everything, dtype, source, init_from
+) -> None:
+    """The encoders the record names; `source` (the `init_from` source read whole, or None)
+    is reused when they are its."""
     enc = rec["encoders"]
     needs = [vd_flows.get(f) for f in flows]
     text = any(n.needs_clip_text for n in needs)
@@ -280,7 +269,7 @@ def _add_encoders(models, run, rec, flows, optimus_halves, everything, dtype, so
         return
     from vd_jax.convert.load import load_models
 
-    if source is not None and folder == _resolve(run, rec.get("init_from", "")):
+    if source is not None and folder == init_from:
         src = source  # a fine-tune's encoders are usually its source's: read once
     else:
         src_flows = None if everything else flows

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
 from typing import Any
 
 import jax
@@ -219,7 +218,7 @@ def _add_pretrained(enc: FrozenEncoders, config, flows: tuple[str, ...], optimus
 
 def _add_random(enc: FrozenEncoders, config, flows: tuple[str, ...], rng: jax.Array) -> None:
     """Random encoders of the config's `encoders.vae / clip_text / clip_vision` sizes."""
-    from vd_jax.processing.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer_files
+    from vd_jax.processing.clip_tokenizer import bundled_clip_tokenizer
 
     e = config.encoders
     k_vae, k_text, k_vis = jax.random.split(rng, 3)
@@ -229,7 +228,7 @@ def _add_random(enc: FrozenEncoders, config, flows: tuple[str, ...], rng: jax.Ar
         enc.params["vae"] = _init_once(enc.vae.init, k_vae, x)["params"]
     if not e.on_the_fly:
         return
-    enc.tokenizer = load_clip_tokenizer(write_clip_tokenizer_files(tempfile.mkdtemp()))
+    enc.tokenizer = bundled_clip_tokenizer()
     enc.clip_text = CLIPTextEncoder(CLIPTextConfig(**e.clip_text))
     ids = jnp.zeros((1, 77), jnp.int32)
     enc.params["clip_text"] = _init_once(enc.clip_text.init, k_text, ids)["params"]

@@ -57,6 +57,15 @@ def write_clip_tokenizer_files(directory: str | os.PathLike) -> str:
     return os.fspath(directory)
 
 
+def bundled_clip_tokenizer():
+    """A new CLIPTokenizer of ViT-L/14's vocabulary bundled with vd_jax (its files are written
+    to a temporary folder and gone once read: the tokenizer holds them in memory)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vd_jax_clip_tok_") as tmp:
+        return load_clip_tokenizer(write_clip_tokenizer_files(tmp))
+
+
 def load_clip_tokenizer(directory: str | os.PathLike):
     """transformers' CLIPTokenizer from a local folder (never the hub)."""
     from transformers import CLIPTokenizer
